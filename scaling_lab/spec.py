@@ -1,0 +1,457 @@
+"""The study spec: frozen dataclasses loaded from YAML and validated once, with errors that name the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+SCALING_RULES = ("standard", "rslora", "fixed")
+MODEL_KINDS = ("causal_lm", "seq_cls")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+SYNTHETIC_TASKS = ("synthetic:markov-shift",)
+TINY_PREFIX = "tiny:"
+
+
+class SpecError(ValueError):
+    """A study spec that cannot be run; the message names the field and what was expected."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    custom: dict[str, float] = field(default_factory=dict)
+
+    def check(self, path: str) -> None:
+        _require(self.workers >= 1, f"{path}.workers", "an integer >= 1", self.workers)
+        _require(self.cpus_per_worker > 0, f"{path}.cpus_per_worker", "a number > 0", self.cpus_per_worker)
+        _require(self.gpus_per_worker >= 0, f"{path}.gpus_per_worker", "a number >= 0", self.gpus_per_worker)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One point of the model-size axis: an embedded tiny model (tiny:<size>), a local directory or a hub id."""
+
+    name: str
+    source: str
+    kind: Literal["causal_lm", "seq_cls"] = "causal_lm"
+    num_labels: int = 2
+    resources: Resources | None = None
+    num_params: int | None = None  # for `plan`'s cost estimate when the config cannot be read offline
+
+    def check(self, path: str) -> None:
+        from scaling_lab.models import check_model_source
+
+        try:
+            check_model_source(self.source)
+        except ValueError as exc:
+            raise SpecError(f"{path}.source: {exc}") from None
+        _require(self.num_labels >= 2, f"{path}.num_labels", "an integer >= 2", self.num_labels)
+        if self.resources is not None:
+            self.resources.check(f"{path}.resources")
+
+
+@dataclass(frozen=True)
+class AlphaRange:
+    """Log-spaced α values from min to max, inclusive."""
+
+    min: float
+    max: float
+    num: int
+
+    def values(self) -> tuple[float, ...]:
+        if self.num == 1:
+            return (float(self.min),)
+        ratio = math.log(self.max / self.min) / (self.num - 1)
+        return tuple(float(f"{self.min * math.exp(ratio * i):.12g}") for i in range(self.num))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The axes swept besides the model: rank is the scientific axis, α and learning rate are optimized, seed is noise."""
+
+    ranks: tuple[int, ...]
+    alphas: tuple[float, ...] | AlphaRange
+    learning_rates: tuple[float, ...] = (1e-4,)
+    seeds: tuple[int, ...] = (0,)
+    scaling_rules: tuple[Literal["standard", "rslora", "fixed"], ...] = ("standard",)
+
+    def alpha_values(self) -> tuple[float, ...]:
+        return self.alphas.values() if isinstance(self.alphas, AlphaRange) else self.alphas
+
+    def check(self, path: str) -> None:
+        for name in ("ranks", "learning_rates", "seeds", "scaling_rules"):
+            _require(len(getattr(self, name)) > 0, f"{path}.{name}", "a non-empty list", [])
+        for i, rank in enumerate(self.ranks):
+            _require(rank >= 1, f"{path}.ranks[{i}]", "a positive integer", rank)
+        if isinstance(self.alphas, AlphaRange):
+            a = self.alphas
+            _require(a.min > 0 and math.isfinite(a.min), f"{path}.alphas.min", "a finite number > 0", a.min)
+            _require(a.max >= a.min and math.isfinite(a.max), f"{path}.alphas.max", "a finite number >= min", a.max)
+            _require(a.num >= 1, f"{path}.alphas.num", "an integer >= 1", a.num)
+        else:
+            _require(len(self.alphas) > 0, f"{path}.alphas", "a non-empty list or {min, max, num}", [])
+            for i, alpha in enumerate(self.alphas):
+                _require(alpha > 0 and math.isfinite(alpha), f"{path}.alphas[{i}]", "a finite number > 0", alpha)
+        for i, lr in enumerate(self.learning_rates):
+            _require(lr > 0 and math.isfinite(lr), f"{path}.learning_rates[{i}]", "a finite number > 0", lr)
+        for name in ("ranks", "learning_rates", "seeds", "scaling_rules"):
+            values = getattr(self, name)
+            _require(len(set(values)) == len(values), f"{path}.{name}", "distinct values", list(values))
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    target_modules: str | tuple[str, ...] = "all-linear"
+    dropout: float = 0.0
+    init: Literal["default", "gaussian"] = "default"  # PEFT's init_lora_weights: True (Kaiming-uniform A) or "gaussian"
+
+    def check(self, path: str) -> None:
+        _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", "a number in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    name: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+
+    def check(self, path: str) -> None:
+        _require(self.weight_decay >= 0, f"{path}.weight_decay", "a number >= 0", self.weight_decay)
+        _require(all(0 <= b < 1 for b in self.betas), f"{path}.betas", "two numbers in [0, 1)", list(self.betas))
+        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", "an integer >= 0", self.warmup_steps)
+        if self.grad_clip is not None:
+            _require(self.grad_clip > 0, f"{path}.grad_clip", "a number > 0 or null", self.grad_clip)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The budget of one fine-tune: steps, or tokens (converted to steps by batch_size × seq_len)."""
+
+    batch_size: int = 32
+    seq_len: int = 32
+    steps: int | None = None
+    tokens: int | None = None
+    eval_every: int = 20
+    eval_batches: int = 4
+    divergence_factor: float = 1.3  # diverged: loss above this × the initial held-out loss ...
+    divergence_patience: int = 3  # ... for this many consecutive steps, or any non-finite loss
+
+    @property
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len)))
+
+    def check(self, path: str) -> None:
+        _require((self.steps is None) != (self.tokens is None), f"{path}", "exactly one of steps or tokens", None)
+        if self.steps is not None:
+            _require(self.steps >= 1, f"{path}.steps", "an integer >= 1", self.steps)
+        if self.tokens is not None:
+            _require(self.tokens >= 1, f"{path}.tokens", "an integer >= 1", self.tokens)
+        for name in ("batch_size", "seq_len", "eval_every", "eval_batches"):
+            _require(getattr(self, name) >= 1, f"{path}.{name}", "an integer >= 1", getattr(self, name))
+        _require(self.divergence_factor > 1, f"{path}.divergence_factor", "a number > 1", self.divergence_factor)
+        _require(self.divergence_patience >= 1, f"{path}.divergence_patience", "an integer >= 1",
+                 self.divergence_patience)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The fine-tuning task: the offline synthetic task, a local JSONL/JSON/Parquet/CSV file, or hf:<dataset id>.
+
+    Columns: text (loss on all tokens), or prompt + completion (loss on completion tokens only),
+    or text + label for sequence classification.
+    """
+
+    source: str = "synthetic:markov-shift"
+    text_column: str | None = None
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    label_column: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    eval_fraction: float = 0.1
+    max_examples: int | None = None
+    train_examples: int = 4096
+    eval_examples: int = 256
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source.startswith("synthetic:")
+
+    @property
+    def is_hub(self) -> bool:
+        return self.source.startswith("hf:")
+
+    def check(self, path: str, base_dir: Path) -> None:
+        if self.is_synthetic:
+            _require(self.source in SYNTHETIC_TASKS, f"{path}.source", f"one of {list(SYNTHETIC_TASKS)}", self.source)
+        elif not self.is_hub:
+            file = resolve_path(self.source, base_dir)
+            _require(
+                file.suffix in DATA_FILE_SUFFIXES,
+                f"{path}.source",
+                f"synthetic:<task>, hf:<dataset id> or a file ending in {'/'.join(DATA_FILE_SUFFIXES)}",
+                self.source,
+            )
+            if not file.is_file():
+                raise SpecError(f"{path}.source: data file {str(file)!r} does not exist")
+        if not self.is_synthetic:
+            has_text = self.text_column is not None
+            has_pair = self.prompt_column is not None and self.completion_column is not None
+            _require(
+                has_text != has_pair,
+                f"{path}",
+                "text_column, or prompt_column and completion_column, to say which columns hold the text",
+                None,
+            )
+        _require(0 < self.eval_fraction < 1, f"{path}.eval_fraction", "a number in (0, 1)", self.eval_fraction)
+        _require(self.train_examples >= 1, f"{path}.train_examples", "an integer >= 1", self.train_examples)
+        _require(self.eval_examples >= 1, f"{path}.eval_examples", "an integer >= 1", self.eval_examples)
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How trials are scheduled; nothing here changes what a trial computes."""
+
+    backend: Literal["ray_train", "simulated"] = "ray_train"
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent: int | None = None
+    trials_per_group: int = 16
+    max_retries: int = 2
+
+    def check(self, path: str) -> None:
+        self.resources.check(f"{path}.resources")
+        if self.max_concurrent is not None:
+            _require(self.max_concurrent >= 1, f"{path}.max_concurrent", "an integer >= 1 or null", self.max_concurrent)
+        _require(self.trials_per_group >= 1, f"{path}.trials_per_group", "an integer >= 1", self.trials_per_group)
+        _require(self.max_retries >= 0, f"{path}.max_retries", "an integer >= 0", self.max_retries)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    models: tuple[ModelSpec, ...]
+    grid: Grid
+    description: str = ""
+    output_dir: str | None = None
+    cache_dir: str = "~/.cache/scaling_lab"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    training: TrainingSettings = field(default_factory=lambda: TrainingSettings(steps=80))
+    data: DataSpec = field(default_factory=DataSpec)
+    metric: Literal["eval_loss", "eval_accuracy"] = "eval_loss"
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    execution: Execution = field(default_factory=Execution)
+
+    def results_dir(self, base_dir: Path = Path(".")) -> Path:
+        return resolve_path(self.output_dir or f"results/{self.name}", base_dir)
+
+    def check(self, base_dir: Path) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'", self.name)
+        _require(len(self.models) > 0, "models", "a non-empty list", [])
+        names = [m.name for m in self.models]
+        _require(len(set(names)) == len(names), "models", "distinct model names", names)
+        for i, model in enumerate(self.models):
+            model.check(f"models[{i}]")
+        self.grid.check("grid")
+        self.lora.check("lora")
+        self.optimizer.check("optimizer")
+        self.training.check("training")
+        self.data.check("data", base_dir)
+        self.execution.check("execution")
+        if any(m.kind == "seq_cls" for m in self.models):
+            _require(
+                not self.data.is_synthetic and self.data.label_column is not None,
+                "data.label_column",
+                "a label column for seq_cls models",
+                self.data.label_column,
+            )
+
+
+def _require(ok: bool, path: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise SpecError(f"{path}: expected {expected}, got {got!r}" if got is not None else f"{path}: expected {expected}")
+
+
+def resolve_path(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+# ---- building frozen dataclasses from plain data, with errors that name the field ----
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(
+        tp, str(tp)
+    )
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except SpecError:
+                continue
+        raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            raise SpecError(f"{path}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise SpecError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{path}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_convert(k, key_type, path): _convert(v, value_type, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def build(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and values of the wrong type."""
+    where = path or "spec"
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(f"{_join(path, key)}: unknown key{hint}; allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"{_join(path, name)}: required key is missing")
+    return cls(**kwargs)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (lists, dicts, scalars) that `build` turns back into the same object."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ---- loading ----
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a plain spec mapping."""
+    data = yaml.safe_load(yaml.safe_dump(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--override {item!r}: expected key.path=value")
+        target = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+                continue
+            if not isinstance(target, dict):
+                raise SpecError(f"--override {item!r}: {part!r} is not inside a mapping")
+            target = target.setdefault(part, {})
+        if isinstance(target, list) and parts[-1].isdigit() and int(parts[-1]) < len(target):
+            target[int(parts[-1])] = yaml.safe_load(raw)
+        elif isinstance(target, dict):
+            target[parts[-1]] = yaml.safe_load(raw)
+        else:
+            raise SpecError(f"--override {item!r}: {parts[-2] if len(parts) > 1 else key!r} is not a mapping")
+    return data
+
+
+def parse(data: Any, base_dir: Path = Path(".")) -> StudySpec:
+    spec = build(StudySpec, data)
+    spec.check(base_dir)
+    return spec
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> StudySpec:
+    """Load and validate a study spec; relative paths in it are relative to the current directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    try:
+        return parse(apply_overrides(data, list(overrides)) if overrides else data)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+
+
+def dump(spec: StudySpec) -> str:
+    return yaml.safe_dump(to_dict(spec), sort_keys=False)

@@ -1,0 +1,210 @@
+"""The training loop of one trial: a PEFT LoRA fine-tune driven by a DeepSpeed engine, on one or many workers.
+
+Runs inside a Ray Train worker (torch.distributed already initialized) or in a plain process (world of one).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from scaling_lab import data as data_lib
+from scaling_lab import models
+from scaling_lab.grid import TrialConfig
+from scaling_lab.outcome import TrainOutcome
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def ensure_process_group() -> None:
+    """A process group of one for runs outside Ray Train (which sets one up itself), as DeepSpeed needs one."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if world()[1] > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def lora_model(config: TrialConfig, base: models.BaseModel):
+    from peft import LoraConfig, TaskType, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    lora_config = LoraConfig(
+        task_type=TaskType.SEQ_CLS if config.model.kind == "seq_cls" else TaskType.CAUSAL_LM,
+        r=config.rank,
+        lora_alpha=config.peft_lora_alpha,
+        use_rslora=config.use_rslora,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules
+        if isinstance(config.lora.target_modules, str)
+        else list(config.lora.target_modules),
+        init_lora_weights="gaussian" if config.lora.init == "gaussian" else True,
+    )
+    model = get_peft_model(base.model, lora_config)
+    applied = {scale for m in model.modules() if isinstance(m, LoraLayer) for scale in m.scaling.values()}
+    if not applied or not all(math.isclose(s, config.effective_scale, rel_tol=1e-9) for s in applied):
+        raise RuntimeError(f"PEFT applied scale {applied}, expected {config.effective_scale}")
+    return model
+
+
+def lr_lambda(config: TrialConfig, total_steps: int):
+    warmup, schedule = config.optimizer.warmup_steps, config.optimizer.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1 - progress
+        return 1.0
+
+    return factor
+
+
+def deepspeed_config(config: TrialConfig, world_size: int) -> dict:
+    batch, stage = config.training.batch_size, config.deepspeed.zero_stage
+    zero: dict = {"stage": stage}
+    if config.deepspeed.offload and stage >= 2:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if config.deepspeed.offload and stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
+    ds = {
+        "train_batch_size": batch,
+        "train_micro_batch_size_per_gpu": batch // world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.deepspeed.precision == "bf16"},
+        "fp16": {"enabled": config.deepspeed.precision == "fp16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if config.optimizer.grad_clip is not None:
+        ds["gradient_clipping"] = config.optimizer.grad_clip
+    return ds
+
+
+def evaluate(engine, split: dict[str, torch.Tensor], config: TrialConfig, device) -> tuple[float, float]:
+    """Held-out loss (mean per token, or per example for classification) and accuracy, over this worker's shard."""
+    rank, world_size = world()
+    count = min(len(split["input_ids"]), config.training.eval_batches * config.training.batch_size)
+    loss_sum = correct = total = 0.0
+    engine.eval()
+    with torch.no_grad():
+        for start in range(rank * config.training.batch_size, count, world_size * config.training.batch_size):
+            batch = {k: v[start : min(start + config.training.batch_size, count)].to(device) for k, v in split.items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"]
+            if config.model.kind == "causal_lm":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            mask = labels != -100
+            loss_sum += torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
+            correct += (logits[mask].argmax(-1) == labels[mask]).sum().item()
+            total += mask.sum().item()
+    engine.train()
+    loss_sum, correct, total = _all_reduce_sum([loss_sum, correct, total])
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
+def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path) -> TrainOutcome:
+    import deepspeed  # imported here: importing it where no accelerator is set up has crashed some versions
+
+    ensure_process_group()
+    rank, world_size = world()
+    if config.training.batch_size % world_size:
+        raise ValueError(f"training.batch_size {config.training.batch_size} is not divisible by {world_size} workers")
+    device = torch.device(deepspeed.get_accelerator().device_name())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    # The base is loaded before seeding; the seed then fixes LoRA's initialization and the batch order.
+    base = models.load_base(config.model, cache_dir)
+    task = data_lib.load_task(
+        config.data,
+        kind=config.model.kind,
+        tokenizer=base.tokenizer,
+        vocab_size=base.vocab_size,
+        seq_len=config.training.seq_len,
+        base_dir=base_dir,
+    )
+    torch.manual_seed(config.seed)
+    model = lora_model(config, base)
+    if config.deepspeed.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer.name == "adamw":
+        optimizer = torch.optim.AdamW(
+            trainable, lr=config.learning_rate, betas=config.optimizer.betas, weight_decay=config.optimizer.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(trainable, lr=config.learning_rate, weight_decay=config.optimizer.weight_decay)
+    total_steps = config.training.total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)
+    )
+
+    outcome = TrainOutcome(
+        status="ok",
+        model_params=base.num_params,
+        trainable_params=sum(p.numel() for p in trainable),
+    )
+    micro = config.training.batch_size // world_size
+    batches = data_lib.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
+    eval_loss, eval_accuracy = evaluate(engine, task.eval, config, device)
+    outcome.initial_eval_loss = eval_loss
+    outcome.curve.append({"step": 0, "tokens": 0, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy})
+    divergence_limit = config.training.divergence_factor * eval_loss
+
+    started = time.perf_counter()
+    steps_over_limit = 0
+    for step in range(1, total_steps + 1):
+        batch = {k: v[rank * micro : (rank + 1) * micro].to(device) for k, v in next(batches).items()}
+        learning_rate = scheduler.get_last_lr()[0]
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        (train_loss,) = _all_reduce_sum([loss.item() / world_size])
+        outcome.steps = step
+        outcome.tokens += config.training.batch_size * config.training.seq_len
+        outcome.final_train_loss = train_loss
+        point = {"step": step, "tokens": outcome.tokens, "learning_rate": learning_rate, "train_loss": train_loss}
+        if step % config.training.eval_every == 0 or step == total_steps:
+            eval_loss, eval_accuracy = evaluate(engine, task.eval, config, device)
+            point.update(eval_loss=eval_loss, eval_accuracy=eval_accuracy)
+            outcome.final_eval_loss, outcome.final_eval_accuracy = eval_loss, eval_accuracy
+            if math.isfinite(eval_loss):
+                outcome.best_eval_loss = min(eval_loss, outcome.best_eval_loss or math.inf)
+                outcome.best_eval_accuracy = max(eval_accuracy, outcome.best_eval_accuracy or 0.0)
+        outcome.curve.append(point)
+        if math.isfinite(train_loss):
+            outcome.last_finite_train_loss = train_loss
+        steps_over_limit = steps_over_limit + 1 if train_loss > divergence_limit else 0
+        if not math.isfinite(train_loss) or steps_over_limit >= config.training.divergence_patience:
+            outcome.status = "diverged"
+            break
+    outcome.train_time_s = time.perf_counter() - started
+    if device.type == "cuda":
+        outcome.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+    engine.destroy()
+    return outcome

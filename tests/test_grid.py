@@ -1,0 +1,61 @@
+"""Tier 1: the grid is a pure function of the spec; trial ids hash what changes a result."""
+
+import dataclasses
+import math
+
+from scaling_lab import spec as spec_lib
+from scaling_lab.grid import TrialConfig, effective_scale, expand
+
+SPEC = {
+    "name": "g",
+    "models": [{"name": "xs", "source": "tiny:xs"}, {"name": "s", "source": "tiny:s"}],
+    "grid": {"ranks": [1, 4, 16], "alphas": [1, 8, 64], "seeds": [0, 1], "scaling_rules": ["standard", "rslora"]},
+}
+
+
+def test_grid_is_the_full_product_in_a_stable_order():
+    trials = expand(spec_lib.parse(SPEC))
+    assert len(trials) == 2 * 2 * 3 * 3 * 2
+    assert [t.trial_id for t in trials] == [t.trial_id for t in expand(spec_lib.parse(SPEC))]
+    assert len({t.trial_id for t in trials}) == len(trials)
+    assert (trials[0].model.name, trials[0].rank, trials[0].alpha) == ("xs", 1, 1.0)
+
+
+def test_changing_one_axis_value_changes_only_those_ids():
+    before = {t.trial_id for t in expand(spec_lib.parse(SPEC))}
+    changed = spec_lib.apply_overrides(SPEC, ["grid.ranks=[1, 4, 32]"])
+    after = {t.trial_id for t in expand(spec_lib.parse(changed))}
+    assert len(before & after) == len(before) * 2 // 3
+    assert len(after - before) == len(before) // 3
+
+
+def test_resources_and_description_do_not_change_ids():
+    base = [t.trial_id for t in expand(spec_lib.parse(SPEC))]
+    moved = spec_lib.apply_overrides(
+        SPEC, ["execution.resources.cpus_per_worker=2", "description=x", "execution.trials_per_group=3"]
+    )
+    assert [t.trial_id for t in expand(spec_lib.parse(moved))] == base
+    retrained = spec_lib.apply_overrides(SPEC, ["training.steps=81"])
+    assert not set(base) & {t.trial_id for t in expand(spec_lib.parse(retrained))}
+
+
+def test_effective_scale_follows_peft_conventions():
+    assert effective_scale("standard", 16.0, 4) == 4.0
+    assert effective_scale("rslora", 16.0, 4) == 8.0
+    assert effective_scale("fixed", 16.0, 4) == 16.0
+    trial = expand(spec_lib.parse(SPEC))[0]
+    fixed = dataclasses.replace(trial, scaling_rule="fixed", rank=8, alpha=0.5)
+    assert fixed.peft_lora_alpha == 4.0 and math.isclose(fixed.peft_lora_alpha / fixed.rank, fixed.effective_scale)
+
+
+def test_trial_config_round_trips():
+    for trial in expand(spec_lib.parse(SPEC)):
+        again = TrialConfig.from_dict(trial.to_dict())
+        assert again == trial and again.trial_id == trial.trial_id
+
+
+def test_settings_left_at_their_defaults_do_not_enter_the_id():
+    base = expand(spec_lib.parse(SPEC))[0]
+    explicit = expand(spec_lib.parse(spec_lib.apply_overrides(SPEC, ["lora.dropout=0.0", "models.0.num_params=5"])))[0]
+    assert explicit.trial_id == base.trial_id
+    assert "dropout" not in base.identity().get("lora", {})

@@ -1,0 +1,72 @@
+"""Tier 3: tiny real models through PEFT + DeepSpeed on CPU, alone and through Ray Train."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scaling_lab import results, spec as spec_lib
+from scaling_lab.grid import expand
+from scaling_lab.trial import run_group
+
+pytestmark = pytest.mark.real
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def group_of(trials, results_dir: Path, cache_dir: Path) -> dict:
+    return {
+        "trials": [t.to_dict() for t in trials],
+        "results_dir": str(results_dir),
+        "cache_dir": str(cache_dir),
+        "base_dir": str(ROOT),
+        "backend": "ray_train",
+        "study": "packing",
+        "git_commit": None,
+    }
+
+
+def test_a_trial_gives_identical_results_packed_or_alone(tmp_path, tiny_cache):
+    spec = spec_lib.parse(
+        {
+            "name": "packing",
+            "models": [{"name": "xs", "source": "tiny:xs"}],
+            "grid": {"ranks": [2], "alphas": [16, 256, 4096], "seeds": [0]},
+            "training": {"steps": 6, "batch_size": 8, "eval_every": 3, "eval_batches": 1},
+        }
+    )
+    trials = expand(spec)
+    run_group(group_of(trials, tmp_path / "packed", tiny_cache))
+    run_group(group_of(trials[1:2], tmp_path / "alone", tiny_cache))
+    trial_id = trials[1].trial_id
+    packed = results.load_curves(tmp_path / "packed", [trial_id])
+    alone = results.load_curves(tmp_path / "alone", [trial_id])
+    assert len(alone) == 7 and packed.equals(alone)
+    measured = ["final_eval_loss", "final_eval_accuracy", "final_train_loss", "trainable_params"]
+    packed_row = results.load(tmp_path / "packed").set_index("trial_id").loc[trial_id, measured]
+    alone_row = results.load(tmp_path / "alone").set_index("trial_id").loc[trial_id, measured]
+    assert packed_row.equals(alone_row)
+
+
+def test_smoke_study_through_ray_train_and_deepspeed(tmp_path, tiny_cache):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "scaling_lab.study", "run", str(ROOT / "studies/smoke.yaml"),
+               "--override", f"output_dir={tmp_path / 'smoke'}", "--cache-dir", str(tiny_cache)]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = results.load(tmp_path / "smoke")
+    spec = spec_lib.load(ROOT / "studies/smoke.yaml")
+    assert sorted(frame["trial_id"]) == sorted(t.trial_id for t in expand(spec))
+    assert frame["status"].isin(["ok", "diverged"]).all() and frame["error"].isna().all()
+    blown_up = frame[frame["alpha"] == 1e9]
+    assert (blown_up["status"] == "diverged").all()
+    assert (blown_up["steps"] < blown_up["steps_planned"]).all()
+    assert blown_up["last_finite_train_loss"].notna().all()
+    sane = frame[frame["alpha"] == 64]
+    assert (sane["status"] == "ok").all() and (sane["final_eval_loss"] < sane["initial_eval_loss"]).all()
+    assert (frame["effective_scale"] == frame["alpha"] / frame["rank"]).all()
+    assert frame["versions"].str.contains('"deepspeed"').all() and frame["device"].str.startswith("cpu").all()
+    assert frame["node"].notna().all() and (frame["num_workers"] == 1).all()
+    curves = results.load_curves(tmp_path / "smoke")
+    assert set(curves["trial_id"]) == set(frame["trial_id"])
