@@ -6,6 +6,9 @@ Layout of a results directory:
     <dir>/curves/<trial_id>.parquet  the trial's loss curve, one row per logged step
     <dir>/claims/<trial_id>.json     a running trial's claim (owner, heartbeat); removed when it ends
 
+The directory may also be a URI (s3://bucket/prefix, gs://..., file://...), read and written through pyarrow's
+filesystems, so that trials on any node write where the driver and the analysis read.
+
 This module imports only pyarrow and pandas so that the analysis can use it without ray or torch.
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
@@ -95,36 +99,91 @@ CURVE_SCHEMA = pa.schema(
 )
 
 
+TRIALS, CURVES, CLAIMS = "trials", "curves", "claims"
+
+
 class ResultsError(ValueError):
     """A results file or directory that cannot be read as study results."""
 
 
-def trials_dir(root: str | os.PathLike) -> Path:
-    return Path(root) / "trials"
+class Store:
+    """A results directory on the local filesystem or at a URI (s3://, gs://, file://) via pyarrow filesystems.
 
+    Writes are atomic for readers: locally a temporary sibling is fsynced and renamed into place; object stores
+    make an object visible only once its upload completes.
+    """
 
-def curves_dir(root: str | os.PathLike) -> Path:
-    return Path(root) / "curves"
+    def __init__(self, root: str | os.PathLike):
+        root = str(root)
+        if "://" in root:
+            self.fs, self.root = pafs.FileSystem.from_uri(root)
+            self.uri = root.split("?")[0]
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+            self.uri = self.root
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
+    def __str__(self) -> str:
+        return self.uri
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def path(self, relative: str) -> str:
+        return f"{self.root.rstrip('/')}/{relative}"
+
+    def is_dir(self) -> bool:
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.File
+
+    def list(self, folder: str, suffix: str) -> list[str]:
+        """File names (not paths) in `folder` ending in `suffix`, sorted; hidden temporaries are skipped."""
+        selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
+        names = (info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File)
+        return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))
+
+    def write(self, relative: str, data: bytes) -> None:
+        target = self.path(relative)
+        if not self.local:
+            with self.fs.open_output_stream(target) as out:
+                out.write(data)
+            return
+        path = Path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(self.path(relative)) as stream:
+            return stream.read()
+
+    def read_table(self, relative: str) -> pa.Table:
+        try:
+            return pq.read_table(self.path(relative), filesystem=self.fs)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ResultsError(f"{self.path(relative)}: not a readable Parquet file ({exc})") from None
+
+    def delete(self, relative: str) -> None:
+        try:
+            self.fs.delete_file(self.path(relative))
+        except FileNotFoundError:
+            pass
 
 
 def _table_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
+
+
+def as_store(root: str | os.PathLike | Store) -> Store:
+    return root if isinstance(root, Store) else Store(root)
 
 
 def trial_table(row: dict) -> pa.Table:
@@ -143,35 +202,20 @@ def curve_table(trial_id: str, points: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CURVE_SCHEMA)
 
 
-def write_trial(root: str | os.PathLike, row: dict, curve: list[dict]) -> Path:
+def write_trial(root: str | os.PathLike | Store, row: dict, curve: list[dict]) -> None:
     """Write a trial's curve, then its row; the row's presence marks the trial complete."""
+    store = as_store(root)
     trial_id = row["trial_id"]
     table = trial_table(row)
-    atomic_write_bytes(curves_dir(root) / f"{trial_id}.parquet", _table_bytes(curve_table(trial_id, curve)))
-    path = trials_dir(root) / f"{trial_id}.parquet"
-    atomic_write_bytes(path, _table_bytes(table))
-    return path
+    store.write(f"{CURVES}/{trial_id}.parquet", _table_bytes(curve_table(trial_id, curve)))
+    store.write(f"{TRIALS}/{trial_id}.parquet", _table_bytes(table))
 
 
-def claims_dir(root: str | os.PathLike) -> Path:
-    return Path(root) / "claims"
+def completed_ids(root: str | os.PathLike | Store) -> set[str]:
+    return {name.removesuffix(".parquet") for name in as_store(root).list(TRIALS, ".parquet")}
 
 
-def completed_ids(root: str | os.PathLike) -> set[str]:
-    folder = trials_dir(root)
-    if not folder.is_dir():
-        return set()
-    return {p.stem for p in folder.glob("*.parquet")}
-
-
-def _read_table(path: Path) -> pa.Table:
-    try:
-        return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ResultsError(f"{path}: not a readable Parquet file ({exc})") from None
-
-
-def _check_trial_table(path: Path, table: pa.Table) -> pa.Table:
+def _check_trial_table(path: str, table: pa.Table) -> pa.Table:
     version = table.column("schema_version")[0].as_py() if "schema_version" in table.column_names else None
     if version != SCHEMA_VERSION:
         raise ResultsError(
@@ -180,27 +224,29 @@ def _check_trial_table(path: Path, table: pa.Table) -> pa.Table:
     return table.select(TRIAL_SCHEMA.names).cast(TRIAL_SCHEMA)
 
 
-def read_trials(root: str | os.PathLike) -> pa.Table:
+def read_trials(root: str | os.PathLike | Store) -> pa.Table:
     """All trial rows of a results directory as one table (empty with the schema if none)."""
-    files = sorted(trials_dir(root).glob("*.parquet"))
-    tables = [_check_trial_table(p, _read_table(p)) for p in files]
+    store = as_store(root)
+    tables = []
+    for name in store.list(TRIALS, ".parquet"):
+        relative = f"{TRIALS}/{name}"
+        tables.append(_check_trial_table(store.path(relative), store.read_table(relative)))
     return pa.concat_tables(tables) if tables else TRIAL_SCHEMA.empty_table()
 
 
-def load(root: str | os.PathLike) -> pd.DataFrame:
+def load(root: str | os.PathLike | Store) -> pd.DataFrame:
     """The trial rows of a study as one DataFrame, one row per finished trial."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ResultsError(f"{root}: no such results directory")
-    return read_trials(root).to_pandas()
+    store = as_store(root)
+    if not store.is_dir():
+        raise ResultsError(f"{store}: no such results directory")
+    return read_trials(store).to_pandas()
 
 
-def load_curves(root: str | os.PathLike, trial_ids: list[str] | None = None) -> pd.DataFrame:
-    folder = curves_dir(root)
-    files = sorted(folder.glob("*.parquet")) if trial_ids is None else [folder / f"{t}.parquet" for t in trial_ids]
-    tables = [_read_table(p) for p in files if p.exists()]
-    table = pa.concat_tables([t.cast(CURVE_SCHEMA) for t in tables]) if tables else CURVE_SCHEMA.empty_table()
-    return table.to_pandas()
+def load_curves(root: str | os.PathLike | Store, trial_ids: list[str] | None = None) -> pd.DataFrame:
+    store = as_store(root)
+    names = store.list(CURVES, ".parquet") if trial_ids is None else [f"{t}.parquet" for t in trial_ids]
+    tables = [store.read_table(f"{CURVES}/{n}").cast(CURVE_SCHEMA) for n in names if store.exists(f"{CURVES}/{n}")]
+    return (pa.concat_tables(tables) if tables else CURVE_SCHEMA.empty_table()).to_pandas()
 
 
 def versions_json(packages: list[str]) -> str:

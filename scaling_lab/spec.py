@@ -265,8 +265,10 @@ class StudySpec:
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     execution: Execution = field(default_factory=Execution)
 
-    def results_dir(self, base_dir: Path = Path(".")) -> Path:
-        return resolve_path(self.output_dir or f"results/{self.name}", base_dir)
+    def results_dir(self, base_dir: Path = Path(".")) -> str:
+        """A local path (relative ones resolved against base_dir) or a URI such as s3://bucket/prefix."""
+        target = self.output_dir or f"results/{self.name}"
+        return target if "://" in target else str(resolve_path(target, base_dir))
 
     def check(self, base_dir: Path) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'", self.name)

@@ -45,17 +45,17 @@ def _device() -> str:
     return f"cpu:{os.cpu_count()} cores"
 
 
-def _claim(results_dir: Path, trial_id: str) -> int:
+def _claim(store: results.Store, trial_id: str) -> int:
     """Mark the trial as running; returns the attempt number (one more than a crashed earlier claim's)."""
-    path = results.claims_dir(results_dir) / f"{trial_id}.json"
+    relative = f"{results.CLAIMS}/{trial_id}.json"
     attempt = 1
-    if path.exists():
+    if store.exists(relative):
         try:
-            attempt = json.loads(path.read_text()).get("attempt", 0) + 1
+            attempt = json.loads(store.read_bytes(relative)).get("attempt", 0) + 1
         except (OSError, ValueError):
             attempt = 2
     claim = {"attempt": attempt, "owner": f"{socket.gethostname()}:{os.getpid()}", "started_at": _now().isoformat()}
-    results.atomic_write_bytes(path, json.dumps(claim).encode())
+    store.write(relative, json.dumps(claim).encode())
     return attempt
 
 
@@ -142,25 +142,26 @@ def run_group(group: dict) -> None:
         from scaling_lab.train import world
 
         rank, world_size = world()
-    results_dir, cache_dir, base_dir = (Path(group[k]) for k in ("results_dir", "cache_dir", "base_dir"))
+    store = results.Store(group["results_dir"])
+    cache_dir, base_dir = Path(group["cache_dir"]), Path(group["base_dir"])
     device = "simulated" if group["backend"] == "simulated" else _device()
     for trial_dict in group["trials"]:
         config = TrialConfig.from_dict(trial_dict)
-        if _agreed_done(results_dir, config.trial_id, world_size):
+        if _agreed_done(store, config.trial_id, world_size):
             continue
         started_at = _now()
-        attempt = _claim(results_dir, config.trial_id) if rank == 0 else 0
+        attempt = _claim(store, config.trial_id) if rank == 0 else 0
         outcome = execute(config, group["backend"], cache_dir, base_dir, group.get("step_time_s", 0.0))
         if rank == 0:
             row = result_row(config, outcome, study=group["study"], attempt=attempt, num_workers=world_size,
                              started_at=started_at, git_commit=group.get("git_commit"), device=device)
-            results.write_trial(results_dir, row, outcome.curve)
-            (results.claims_dir(results_dir) / f"{config.trial_id}.json").unlink(missing_ok=True)
+            results.write_trial(store, row, outcome.curve)
+            store.delete(f"{results.CLAIMS}/{config.trial_id}.json")
 
 
-def _agreed_done(results_dir: Path, trial_id: str, world_size: int) -> bool:
+def _agreed_done(store: results.Store, trial_id: str, world_size: int) -> bool:
     """Whether the trial is finished, as seen by worker 0, so that all workers skip or run it together."""
-    done = (results.trials_dir(results_dir) / f"{trial_id}.parquet").exists()
+    done = store.exists(f"{results.TRIALS}/{trial_id}.parquet")
     if world_size > 1:
         import torch.distributed as dist
 

@@ -1,5 +1,7 @@
 """Tier 1: loading and validating study specs."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -22,7 +24,8 @@ def test_minimal_spec_gets_defaults():
     assert spec.grid.ranks == (1, 4)
     assert spec.grid.alpha_values() == (1.0, 8.0, 64.0)
     assert spec.training.total_steps == 80
-    assert spec.results_dir().as_posix() == "results/t"
+    assert spec.results_dir(Path("/base")) == "/base/results/t"
+    assert spec_lib.parse({**MINIMAL, "output_dir": "s3://bucket/x"}).results_dir() == "s3://bucket/x"
 
 
 def test_round_trip_through_yaml():

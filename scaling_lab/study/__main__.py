@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from scaling_lab import results, spec as spec_lib
 from scaling_lab.study import plan as plan_lib
 from scaling_lab.study import progress
@@ -51,11 +53,11 @@ def cmd_run(args) -> None:
 def cmd_status(args) -> None:
     from scaling_lab.grid import expand
 
-    results_dir = Path(args.results)
-    spec_path = results_dir / "spec.yaml"
-    if not spec_path.is_file():
-        raise results.ResultsError(f"{results_dir}: no spec.yaml, so not a study results directory")
-    spec = spec_lib.load(spec_path)
+    store = results.Store(args.results)
+    if not store.exists("spec.yaml"):
+        raise results.ResultsError(f"{store}: no spec.yaml, so not a study results directory")
+    spec = spec_lib.build(spec_lib.StudySpec, yaml.safe_load(store.read_bytes("spec.yaml")))
+    results_dir = args.results
     trial_ids = [t.trial_id for t in expand(spec)]
     print(f"study {spec.name!r}: " + progress.snapshot(results_dir, trial_ids).line())
     for claim in progress.claims(results_dir):

@@ -6,8 +6,6 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
 import pandas as pd
 
 from scaling_lab import results
@@ -35,7 +33,7 @@ class Snapshot:
         )
 
 
-def snapshot(results_dir: Path, trial_ids: list[str]) -> Snapshot:
+def snapshot(results_dir: str, trial_ids: list[str]) -> Snapshot:
     wanted = set(trial_ids)
     rows = results.read_trials(results_dir).select(["trial_id", "status"]).to_pylist()
     by_status: dict[str, int] = {}
@@ -43,8 +41,8 @@ def snapshot(results_dir: Path, trial_ids: list[str]) -> Snapshot:
         if row["trial_id"] in wanted:
             by_status[row["status"]] = by_status.get(row["status"], 0) + 1
     finished = {r["trial_id"] for r in rows}
-    claims = results.claims_dir(results_dir)
-    running = sum(1 for p in claims.glob("*.json") if p.stem in wanted and p.stem not in finished)
+    claimed = (name.removesuffix(".json") for name in results.Store(results_dir).list(results.CLAIMS, ".json"))
+    running = sum(1 for t in claimed if t in wanted and t not in finished)
     return Snapshot(total=len(wanted), by_status=by_status, running=running)
 
 
@@ -56,7 +54,7 @@ def _duration(seconds: float) -> str:
 class LiveProgress:
     """Prints a progress line whenever the results directory changes, with time left at the current rate."""
 
-    def __init__(self, results_dir: Path, trial_ids: list[str], slots: int, every_s: float = 5.0):
+    def __init__(self, results_dir: str, trial_ids: list[str], slots: int, every_s: float = 5.0):
         self.results_dir, self.trial_ids, self.slots, self.every_s = results_dir, trial_ids, slots, every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -94,13 +92,13 @@ class LiveProgress:
         self.note(f"finished in {_duration(time.monotonic() - self._started)}")
 
 
-def failures(results_dir: Path) -> pd.DataFrame:
+def failures(results_dir: str) -> pd.DataFrame:
     frame = results.load(results_dir)
     failed = frame[frame["status"].isin(["error", "oom"])]
     return failed[["trial_id", "model", "rank", "alpha", "learning_rate", "seed", "status", "error"]]
 
 
-def summary(results_dir: Path, trial_ids: list[str]) -> str:
+def summary(results_dir: str, trial_ids: list[str]) -> str:
     """One screen: counts by status, the best α per (model, rank) by final held-out loss, throughput."""
     snap = snapshot(results_dir, trial_ids)
     frame = results.load(results_dir)
@@ -131,11 +129,12 @@ def summary(results_dir: Path, trial_ids: list[str]) -> str:
     return "\n".join(lines)
 
 
-def claims(results_dir: Path) -> list[dict]:
+def claims(results_dir: str) -> list[dict]:
+    store = results.Store(results_dir)
     found = []
-    for path in sorted(results.claims_dir(results_dir).glob("*.json")):
+    for name in store.list(results.CLAIMS, ".json"):
         try:
-            found.append({"trial_id": path.stem, **json.loads(path.read_text())})
+            found.append({"trial_id": name.removesuffix(".json"), **json.loads(store.read_bytes(f"{results.CLAIMS}/{name}"))})
         except (OSError, ValueError):
             continue
     return found

@@ -71,7 +71,7 @@ def concurrency(spec: StudySpec, cluster: dict[str, float]) -> int:
     return max(1, max(fits))
 
 
-def _group_dict(spec: StudySpec, group: list[TrialConfig], options: RunOptions, results_dir: Path, commit) -> dict:
+def _group_dict(spec: StudySpec, group: list[TrialConfig], options: RunOptions, results_dir: str, commit) -> dict:
     return {
         "trials": [t.to_dict() for t in group],
         "results_dir": str(results_dir),
@@ -116,7 +116,7 @@ def run_group_trainable(config: dict) -> dict:
         ),
         run_config=RunConfig(
             name=f"group-{hashlib.sha256(ids.encode()).hexdigest()[:16]}",
-            storage_path=str(Path(group["results_dir"]) / "ray"),
+            storage_path=f"{results.Store(group['results_dir']).uri}/ray",
             failure_config=FailureConfig(max_failures=group["max_retries"]),
         ),
     ).fit()
@@ -132,17 +132,18 @@ def _group_request(config: dict):
     return tune.PlacementGroupFactory([{"memory": GROUP_DRIVER_MEMORY}])
 
 
-def pending_trials(spec: StudySpec, results_dir: Path) -> tuple[list[TrialConfig], list[TrialConfig]]:
+def pending_trials(spec: StudySpec, results_dir: str) -> tuple[list[TrialConfig], list[TrialConfig]]:
     trials = expand(spec)
     done = results.completed_ids(results_dir)
     return trials, [t for t in trials if t.trial_id not in done]
 
 
-def run(spec: StudySpec, options: RunOptions) -> Path:
+def run(spec: StudySpec, options: RunOptions) -> str:
     """Run every unfinished trial of the study; finished trials (by content hash) are never run again."""
     results_dir = spec.results_dir(options.base_dir)
     trials, todo = pending_trials(spec, results_dir)
-    results.atomic_write_bytes(results_dir / "spec.yaml", spec_lib.dump(spec).encode())
+    store = results.Store(results_dir)
+    store.write("spec.yaml", spec_lib.dump(spec).encode())
     if not todo:
         print(f"all {len(trials)} trials of {spec.name!r} are finished in {results_dir}; nothing to run")
         return results_dir
@@ -166,7 +167,7 @@ def run(spec: StudySpec, options: RunOptions) -> Path:
                 tune_config=tune.TuneConfig(max_concurrent_trials=slots),
                 run_config=tune.RunConfig(
                     name="tune",
-                    storage_path=str(results_dir / "ray"),
+                    storage_path=f"{store.uri}/ray",
                     failure_config=tune.FailureConfig(max_failures=spec.execution.max_retries),
                     verbose=0,
                 ),
