@@ -23,3 +23,5 @@ class TrainOutcome:
     model_params: int = 0
     trainable_params: int = 0
     peak_memory_mb: float | None = None
+    spectral_ratio_mean: float | None = None
+    spectral_ratio_max: float | None = None

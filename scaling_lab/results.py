@@ -63,6 +63,8 @@ TRIAL_SCHEMA = pa.schema(
         ("final_eval_accuracy", pa.float64()),
         ("best_eval_accuracy", pa.float64()),
         ("initial_eval_loss", pa.float64()),
+        ("spectral_ratio_mean", pa.float64()),
+        ("spectral_ratio_max", pa.float64()),
         ("final_train_loss", pa.float64()),
         ("last_finite_train_loss", pa.float64()),
         ("steps", pa.int32()),
@@ -95,6 +97,16 @@ CURVE_SCHEMA = pa.schema(
         ("train_loss", pa.float64()),
         ("eval_loss", pa.float64()),
         ("eval_accuracy", pa.float64()),
+        # diagnostics every training.diagnostics_every steps (definitions in scaling_lab/diagnostics.py)
+        ("lora_a_norm", pa.float64()),
+        ("lora_b_norm", pa.float64()),
+        ("update_norm", pa.float64()),
+        ("grad_a_norm", pa.float64()),
+        ("grad_b_norm", pa.float64()),
+        ("probe_loss", pa.float64()),
+        ("signal", pa.float64()),
+        ("drift", pa.float64()),
+        ("drift_ratio", pa.float64()),
     ]
 )
 

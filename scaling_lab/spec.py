@@ -148,6 +148,7 @@ class TrainingSettings:
     eval_batches: int = 4
     divergence_factor: float = 1.3  # diverged: loss above this × the initial held-out loss ...
     divergence_patience: int = 3  # ... for this many consecutive steps, or any non-finite loss
+    diagnostics_every: int = 20  # norms and Signal-Drift at step 1 and every this many steps; 0 turns them off
 
     @property
     def total_steps(self) -> int:
@@ -164,6 +165,7 @@ class TrainingSettings:
         for name in ("batch_size", "seq_len", "eval_every", "eval_batches"):
             _require(getattr(self, name) >= 1, f"{path}.{name}", "an integer >= 1", getattr(self, name))
         _require(self.divergence_factor > 1, f"{path}.divergence_factor", "a number > 1", self.divergence_factor)
+        _require(self.diagnostics_every >= 0, f"{path}.diagnostics_every", "an integer >= 0", self.diagnostics_every)
         _require(self.divergence_patience >= 1, f"{path}.divergence_patience", "an integer >= 1",
                  self.divergence_patience)
 

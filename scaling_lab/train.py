@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from scaling_lab import data as data_lib
-from scaling_lab import models
+from scaling_lab import diagnostics, models
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
 
@@ -126,6 +126,15 @@ def evaluate(engine, split: dict[str, torch.Tensor], config: TrialConfig, device
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
+def _probe_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss of the fixed probe batch, without dropout, so that only the parameters change it."""
+    model.eval()
+    try:
+        return model(**batch).loss
+    finally:
+        model.train()
+
+
 def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path) -> TrainOutcome:
     import deepspeed  # imported here: importing it where no accelerator is set up has crashed some versions
 
@@ -175,20 +184,34 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path) -> TrainOutc
     outcome.initial_eval_loss = eval_loss
     outcome.curve.append({"step": 0, "tokens": 0, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy})
     divergence_limit = config.training.divergence_factor * eval_loss
+    # Diagnostics need the full adapter tensors, which ZeRO-3 partitions across workers: there they are left out.
+    diagnostics_every = config.training.diagnostics_every if config.deepspeed.zero_stage < 3 else 0
+    adapters = diagnostics.adapters(engine.module)
+    probe_batch = {k: v[: config.training.batch_size].to(device) for k, v in task.eval.items()}
+    signal_drift = diagnostics.SignalDrift(lambda: _probe_loss(engine.module, probe_batch), trainable)
 
     started = time.perf_counter()
     steps_over_limit = 0
     for step in range(1, total_steps + 1):
         batch = {k: v[rank * micro : (rank + 1) * micro].to(device) for k, v in next(batches).items()}
         learning_rate = scheduler.get_last_lr()[0]
+        diagnose = diagnostics_every > 0 and (step == 1 or step % diagnostics_every == 0)
+        if diagnose:
+            signal_drift.before()
         loss = engine(**batch).loss
         engine.backward(loss)
+        if diagnose:
+            measured = diagnostics.norms(adapters, deepspeed.utils.safe_get_full_grad)
         engine.step()
+        if diagnose:
+            measured.update(signal_drift.after())
         (train_loss,) = _all_reduce_sum([loss.item() / world_size])
         outcome.steps = step
         outcome.tokens += config.training.batch_size * config.training.seq_len
         outcome.final_train_loss = train_loss
         point = {"step": step, "tokens": outcome.tokens, "learning_rate": learning_rate, "train_loss": train_loss}
+        if diagnose:
+            point.update(measured)
         if step % config.training.eval_every == 0 or step == total_steps:
             eval_loss, eval_accuracy = evaluate(engine, task.eval, config, device)
             point.update(eval_loss=eval_loss, eval_accuracy=eval_accuracy)
@@ -206,5 +229,8 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path) -> TrainOutc
     outcome.train_time_s = time.perf_counter() - started
     if device.type == "cuda":
         outcome.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+    if diagnostics_every:
+        ratios = diagnostics.spectral_ratios(adapters)
+        outcome.spectral_ratio_mean, outcome.spectral_ratio_max = sum(ratios) / len(ratios), max(ratios)
     engine.destroy()
     return outcome

@@ -108,6 +108,8 @@ def result_row(config: TrialConfig, outcome: TrainOutcome, *, study: str, attemp
         "final_eval_accuracy": outcome.final_eval_accuracy,
         "best_eval_accuracy": outcome.best_eval_accuracy,
         "initial_eval_loss": outcome.initial_eval_loss,
+        "spectral_ratio_mean": outcome.spectral_ratio_mean,
+        "spectral_ratio_max": outcome.spectral_ratio_max,
         "final_train_loss": outcome.final_train_loss,
         "last_finite_train_loss": outcome.last_finite_train_loss,
         "steps": outcome.steps,

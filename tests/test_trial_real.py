@@ -70,3 +70,9 @@ def test_smoke_study_through_ray_train_and_deepspeed(tmp_path, tiny_cache):
     assert frame["node"].notna().all() and (frame["num_workers"] == 1).all()
     curves = results.load_curves(tmp_path / "smoke")
     assert set(curves["trial_id"]) == set(frame["trial_id"])
+    diagnosed = curves.dropna(subset=["signal"])
+    assert set(diagnosed["trial_id"]) == set(frame["trial_id"])
+    assert (diagnosed["update_norm"][diagnosed["step"] > 1] > 0).all()  # B starts at zero
+    assert diagnosed[diagnosed["trial_id"].isin(sane["trial_id"])]["drift_ratio"].notna().all()
+    assert set(curves[curves["trial_id"].isin(sane["trial_id"])].dropna(subset=["signal"])["step"]) == {1, 4, 8, 12}
+    assert (sane["spectral_ratio_max"] > 0).all()
