@@ -1,0 +1,141 @@
+"""python -m scaling_lab.analysis fit|predict: the α*-against-rank law of a study's results.
+
+python -m scaling_lab.analysis fit results/default                 # law, law.json, report.md, plots
+python -m scaling_lab.analysis fit results/default --by model      # one law per model, plus a joint law
+python -m scaling_lab.analysis predict results/default --rank 256  # α* and its interval at an unseen rank
+python -m scaling_lab.analysis fit results.parquet --convention rslora
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scaling_lab.analysis.conventions import CONVENTION_EXPONENTS
+from scaling_lab.analysis.fit import AnalysisError, FitSettings, fit_study, predict
+from scaling_lab.analysis.load import DEFAULT_METRIC, load_results
+from scaling_lab.analysis.powerlaw import SIZE_MEASURES
+from scaling_lab.analysis.report import (
+    format_predictions,
+    format_terminal,
+    write_outputs,
+)
+from scaling_lab.results import ResultsError
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m scaling_lab.analysis", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "source",
+        help="a results directory (with trials/*.parquet; a local path or s3://, gs:// URI), or a .parquet or .csv file",
+    )
+    common.add_argument(
+        "--convention",
+        choices=list(CONVENTION_EXPONENTS),
+        default="standard",
+        help="state laws in α/r terms (standard, default), α/√r terms (rslora) or as the effective scale",
+    )
+    common.add_argument("--metric", default=DEFAULT_METRIC, help=f"column to optimize (default {DEFAULT_METRIC})")
+    goal = common.add_mutually_exclusive_group()
+    goal.add_argument(
+        "--maximize", action="store_true", default=None, help="higher metric is better (default for *accuracy*)"
+    )
+    goal.add_argument(
+        "--minimize", dest="maximize", action="store_false", help="lower metric is better (default otherwise)"
+    )
+    common.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    common.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    common.add_argument(
+        "--size",
+        choices=list(SIZE_MEASURES),
+        default="base",
+        help="model size N in the joint law: base parameters (default) or trainable parameters",
+    )
+    common.add_argument(
+        "--tolerance",
+        type=_positive_float,
+        default=0.0025,
+        help="relative metric tolerance for the near-optimal range (default 0.0025)",
+    )
+    common.add_argument(
+        "--keep-edge", action="store_true", help="include optima at the edge of the α range in the law fit"
+    )
+
+    fit_command = commands.add_parser(
+        "fit", parents=[common], help="fit the law and write law.json, report.md and plots"
+    )
+    fit_command.add_argument("--by", choices=["model"], help="one law per model, plus a joint law in model size")
+    fit_command.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default <results dir>/analysis, <file stem>_analysis beside a file, ./analysis for a URI)",
+    )
+
+    predict_command = commands.add_parser(
+        "predict", parents=[common], help="the optimal α and its interval at given ranks"
+    )
+    predict_command.add_argument(
+        "--rank", type=_positive_float, action="append", required=True, help="rank to predict (repeatable)"
+    )
+    predict_command.add_argument(
+        "--model-params", type=_positive_float, help="model size N: use the joint law c·r^k·N^m"
+    )
+    predict_command.add_argument("--model", help="use this model's own law")
+    return parser
+
+
+def default_out_dir(source: str) -> Path:
+    if "://" in source:
+        return Path("analysis")
+    path = Path(source)
+    return path / "analysis" if path.is_dir() else path.with_name(f"{path.stem}_analysis")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    by_model = args.command == "predict" and (args.model_params is not None or args.model is not None)
+    try:
+        settings = FitSettings(
+            convention=args.convention,
+            by_model=by_model or getattr(args, "by", None) == "model",
+            size=args.size,
+            n_bootstrap=args.bootstrap,
+            seed=args.seed,
+            tolerance=args.tolerance,
+            keep_edge=args.keep_edge,
+        )
+        results = load_results(args.source, metric=args.metric, maximize=args.maximize)
+        fit = fit_study(results, settings)
+        if args.command == "predict":
+            predictions = predict(fit, args.rank, model_params=args.model_params, model=args.model)
+            print(format_predictions(fit, predictions, args.model_params))
+            return 0
+        written = write_outputs(fit, args.out or default_out_dir(args.source))
+    except ResultsError as exc:
+        return _fail(str(exc))
+    except AnalysisError as exc:
+        return _fail(f"{args.source}: {exc}")
+    except OSError as exc:
+        return _fail(f"{exc.filename or args.source}: {exc.strerror or exc}")
+    print(format_terminal(fit, written))
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Read study results (a results directory, a Parquet file or a CSV file) into one validated table of trials.
+
+Only `rank`, `alpha` and the metric column are required; every other column has a default, so hand-made
+files work. Rows with status "error" or "oom" are dropped and counted; "diverged" rows, and rows whose
+metric is not finite, stay in as trials worse than any finite one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scaling_lab import results
+from scaling_lab.analysis.conventions import RULE_EXPONENTS, effective_scale
+from scaling_lab.results import ResultsError
+
+REQUIRED_COLUMNS = ("rank", "alpha")
+OPTIONAL_COLUMNS = (
+    "model",
+    "seed",
+    "scaling_rule",
+    "learning_rate",
+    "status",
+    "model_params",
+    "trainable_params",
+    "effective_scale",
+)
+# Columns that change what a trial measures without being an axis of the analysis: several values get a warning.
+POOLED_COLUMNS = (
+    "task",
+    "lora_init",
+    "optimizer",
+    "schedule",
+    "target_modules",
+    "batch_size",
+    "seq_len",
+    "steps_planned",
+    "precision",
+)
+PROVENANCE_COLUMNS = ("study", "git_commit")
+DEFAULT_METRIC = "final_eval_loss"
+
+
+@dataclass(frozen=True)
+class LoadedResults:
+    """Usable trials (status ok or diverged) with the columns the analysis reads, and what was left out."""
+
+    source: str
+    trials: pd.DataFrame = field(repr=False)
+    metric: str
+    maximize: bool
+    n_rows: int
+    status_counts: dict[str, int]
+    nonfinite_ok: int
+    scaling_rules: tuple[str, ...]
+    provenance: dict[str, list[str]]
+    warnings: tuple[str, ...]
+
+    @property
+    def n_dropped(self) -> int:
+        return self.status_counts.get("error", 0) + self.status_counts.get("oom", 0)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "metric": self.metric,
+            "goal": "maximize" if self.maximize else "minimize",
+            "rows": self.n_rows,
+            "status_counts": self.status_counts,
+            "dropped_error_oom": self.n_dropped,
+            "ok_with_nonfinite_metric_counted_diverged": self.nonfinite_ok,
+            "scaling_rules": list(self.scaling_rules),
+            **self.provenance,
+        }
+
+
+def metric_is_maximized(metric: str) -> bool:
+    return "accuracy" in metric
+
+
+def load_results(source: str | Path, metric: str = DEFAULT_METRIC, maximize: bool | None = None) -> LoadedResults:
+    """Read and validate `source` (a results directory, local or at a URI, or a .parquet / .csv file);
+    raises ResultsError with a one-line message naming the file."""
+    return from_frame(_read_source(str(source), metric), metric, maximize, source=source)
+
+
+def from_frame(
+    frame: pd.DataFrame, metric: str = DEFAULT_METRIC, maximize: bool | None = None, source: str | Path = "(table)"
+) -> LoadedResults:
+    """Validate trials already in memory (columns as in a results file)."""
+    maximize = metric_is_maximized(metric) if maximize is None else maximize
+    return _normalize(str(source), frame, metric, maximize)
+
+
+def _read_source(source: str, metric: str) -> pd.DataFrame:
+    if is_results_directory(source):
+        store = results.as_store(source)
+        if not store.list(results.TRIALS, ".parquet"):
+            raise ResultsError(f"{source}: no results (expected {results.TRIALS}/*.parquet in it)")
+        try:
+            return results.load(store)
+        except (KeyError, pa.ArrowException) as exc:
+            raise ResultsError(
+                f"{source}: trial files do not match this scaling_lab's results schema ({_first_line(exc)})"
+            ) from None
+    path = Path(source)
+    if not path.exists():
+        raise ResultsError(f"{source}: no such file or directory")
+    if path.stat().st_size == 0:
+        raise ResultsError(f"{source}: empty file")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(path, metric)
+    if suffix == ".csv":
+        return _read_csv(path)
+    raise ResultsError(f"{source}: expected a results directory, a .parquet or a .csv file")
+
+
+def is_results_directory(source: str | Path) -> bool:
+    """A local directory, or a URI (s3://, gs://, file://) that does not name a .parquet or .csv file."""
+    text = str(source)
+    if "://" in text:
+        return not text.lower().endswith((".parquet", ".pq", ".csv"))
+    return Path(text).is_dir()
+
+
+def _read_parquet(path: Path, metric: str) -> pd.DataFrame:
+    wanted = {*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, *POOLED_COLUMNS, *PROVENANCE_COLUMNS, metric}
+    try:
+        names = pq.read_schema(path).names
+        return pq.read_table(path, columns=[name for name in names if name in wanted]).to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        raise ResultsError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ResultsError(f"{path}: empty file") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path}: not a readable CSV file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _normalize(path: str, raw: pd.DataFrame, metric: str, maximize: bool) -> LoadedResults:
+    missing = [name for name in (*REQUIRED_COLUMNS, metric) if name not in raw.columns]
+    if missing:
+        raise ResultsError(
+            f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"(required: {', '.join((*REQUIRED_COLUMNS, metric))}; optional: {', '.join(OPTIONAL_COLUMNS)})"
+        )
+    if raw.empty:
+        raise ResultsError(f"{path}: no result rows")
+
+    status = _text_column(raw, "status", "ok")
+    unknown = sorted(set(status.cat.categories) - set(results.STATUSES))
+    if unknown:
+        raise ResultsError(f"{path}: column status has {unknown}, expected one of {list(results.STATUSES)}")
+    status_counts = {name: int(n) for name, n in status.value_counts().items() if n > 0}
+    usable = status.isin(("ok", "diverged")).to_numpy()
+    if not usable.any():
+        raise ResultsError(f"{path}: no usable trials (every row has status error or oom: {status_counts})")
+
+    frame = raw.loc[usable].reset_index(drop=True)
+    status = status[usable].reset_index(drop=True)
+    rank = _numeric_column(path, frame, "rank")
+    if not (np.isfinite(rank) & (rank >= 1) & (rank == np.round(rank))).all():
+        raise ResultsError(f"{path}: column rank must hold positive integers")
+    alpha = _numeric_column(path, frame, "alpha")
+    if not (np.isfinite(alpha) & (alpha > 0)).all():
+        raise ResultsError(f"{path}: column alpha must hold positive finite numbers")
+    value = _numeric_column(path, frame, metric)
+    learning_rate = (
+        _numeric_column(path, frame, "learning_rate") if "learning_rate" in frame else np.full(len(frame), np.nan)
+    )
+    if (learning_rate <= 0).any():
+        raise ResultsError(f"{path}: column learning_rate must hold positive numbers")
+    rule = _text_column(frame, "scaling_rule", "standard")
+    unknown_rules = sorted(set(rule.cat.categories) - set(RULE_EXPONENTS))
+    if unknown_rules:
+        raise ResultsError(f"{path}: column scaling_rule has {unknown_rules}, expected one of {list(RULE_EXPONENTS)}")
+
+    warnings = []
+    rank = rank.astype(np.int64)
+    computed_scale = effective_scale(alpha, rank, rule)
+    scale = computed_scale
+    if "effective_scale" in frame:
+        recorded = _numeric_column(path, frame, "effective_scale")
+        scale = np.where(np.isfinite(recorded) & (recorded > 0), recorded, computed_scale)
+        disagree = int((~np.isclose(scale, computed_scale, rtol=1e-6)).sum())
+        if disagree:
+            warnings.append(
+                f"effective_scale differs from alpha under its scaling_rule in {disagree} rows; using effective_scale"
+            )
+
+    diverged = (status == "diverged").to_numpy()
+    nonfinite_ok = int((~diverged & ~np.isfinite(value)).sum())
+    objective = np.where(diverged | ~np.isfinite(value), np.inf, -value if maximize else value)
+    model = _text_column(frame, "model", "default")
+    trials = pd.DataFrame(
+        {
+            "model": model.array,
+            "model_params": _optional_numeric(path, frame, "model_params"),
+            "trainable_params": _optional_numeric(path, frame, "trainable_params"),
+            "rank": rank,
+            "alpha": alpha,
+            "learning_rate": learning_rate,
+            "scaling_rule": rule.array,
+            "effective_scale": scale,
+            "status": status.array,
+            "metric": value,
+            "objective": objective,
+        }
+    )
+    if "seed" in frame:
+        trials["seed"] = pd.factorize(frame["seed"])[0]
+    else:
+        # Without a seed column, repeated trials of one setting count as separate replicates.
+        trials["seed"] = trials.groupby(
+            ["model", "rank", "alpha", "learning_rate", "scaling_rule"], dropna=False, observed=True
+        ).cumcount()
+
+    warnings += _pooled_warnings(frame)
+    return LoadedResults(
+        source=path,
+        trials=trials,
+        metric=metric,
+        maximize=maximize,
+        n_rows=len(raw),
+        status_counts=status_counts,
+        nonfinite_ok=nonfinite_ok,
+        scaling_rules=tuple(sorted(set(rule.unique()))),
+        provenance={
+            f"{name}s": sorted(str(v) for v in frame[name].dropna().unique())
+            for name in PROVENANCE_COLUMNS
+            if name in frame
+        },
+        warnings=tuple(warnings),
+    )
+
+
+def _text_column(frame: pd.DataFrame, name: str, default: str) -> pd.Series:
+    """The column as categorical text (fast on a million rows), missing values replaced by `default`."""
+    if name not in frame:
+        return pd.Series(pd.Categorical.from_codes(np.zeros(len(frame), dtype=int), [default]), index=frame.index)
+    values = frame[name].astype("category")
+    values = values.cat.rename_categories([str(c) for c in values.cat.categories])
+    if values.isna().any():
+        if default not in values.cat.categories:
+            values = values.cat.add_categories([default])
+        values = values.fillna(default)
+    return values.cat.remove_unused_categories()
+
+
+def _numeric_column(path: str, frame: pd.DataFrame, name: str) -> np.ndarray:
+    values = pd.to_numeric(frame[name], errors="coerce")
+    not_numbers = values.isna() & frame[name].notna()
+    if not_numbers.any():
+        example = frame[name][not_numbers].iloc[0]
+        raise ResultsError(f"{path}: column {name} must be numeric (found {example!r})")
+    return values.to_numpy(dtype=float)
+
+
+def _optional_numeric(path: str, frame: pd.DataFrame, name: str) -> np.ndarray:
+    return _numeric_column(path, frame, name) if name in frame else np.full(len(frame), math.nan)
+
+
+def _pooled_warnings(frame: pd.DataFrame) -> list[str]:
+    warnings = []
+    for name in POOLED_COLUMNS:
+        if name in frame:
+            values = frame[name].dropna().unique()
+            if len(values) > 1:
+                shown = ", ".join(str(v) for v in values[:4]) + (", …" if len(values) > 4 else "")
+                warnings.append(
+                    f"column {name} has {len(values)} values ({shown}); they are pooled: filter the input to fit one"
+                )
+    return warnings

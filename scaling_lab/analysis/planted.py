@@ -1,0 +1,76 @@
+"""Synthetic results with a known law, for testing the analysis and benchmarking it.
+
+The metric is a loss that is a parabola in log α (and in log learning rate) around the planted optima, plus
+Gaussian seed noise; α far above the optimum diverges. Columns follow the results schema's names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+RankLaw = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def power_law(c: float, k: float, m: float = 0.0, reference_size: float = 1e6) -> RankLaw:
+    """α*(r, N) = c · r^k · (N / reference_size)^m, in the standard convention."""
+    return lambda rank, size: c * rank**k * (size / reference_size) ** m
+
+
+def planted_trials(
+    optimal_alpha: RankLaw,
+    *,
+    ranks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    alphas: Sequence[float] = tuple(2.0 ** np.arange(0, 15)),
+    seeds: int = 3,
+    models: dict[str, float] | None = None,
+    learning_rates: Sequence[float] = (1e-4,),
+    optimal_learning_rate: RankLaw | None = None,
+    curvature: float = 0.05,
+    noise: float = 0.002,
+    diverge_above: float = 3.0,
+    missing_fraction: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> pd.DataFrame:
+    """Every combination of model × rank × α × learning rate × seed as one trial row (scaling rule "standard").
+
+    `diverge_above` is in units of log α − log α*; `missing_fraction` of the rows is dropped at random."""
+    rng = rng or np.random.default_rng(0)
+    models = models or {"planted": 1e6}
+    names = np.array(list(models))
+    grid = np.meshgrid(
+        np.arange(len(names)),
+        np.array(ranks),
+        np.array(alphas, dtype=float),
+        np.array(learning_rates, dtype=float),
+        np.arange(seeds),
+        indexing="ij",
+    )
+    model_index, rank, alpha, learning_rate, seed = (axis.ravel() for axis in grid)
+    size = np.array([models[name] for name in names])[model_index]
+    distance = np.log(alpha) - np.log(optimal_alpha(rank, size))
+    loss = 1.0 + curvature * distance**2 + rng.normal(0.0, noise, size=rank.size)
+    if optimal_learning_rate is not None:
+        loss += curvature * (np.log(learning_rate) - np.log(optimal_learning_rate(rank, size))) ** 2
+    diverged = distance > diverge_above
+    frame = pd.DataFrame(
+        {
+            "model": names[model_index],
+            "model_params": size.astype(np.int64),
+            "trainable_params": (1000 * rank).astype(np.int64),
+            "rank": rank.astype(np.int32),
+            "alpha": alpha,
+            "learning_rate": learning_rate,
+            "seed": seed.astype(np.int32),
+            "scaling_rule": "standard",
+            "effective_scale": alpha / rank,
+            "status": np.where(diverged, "diverged", "ok"),
+            "final_eval_loss": np.where(diverged, np.nan, loss),
+            "final_eval_accuracy": np.where(diverged, np.nan, np.exp(-loss)),
+        }
+    )
+    if missing_fraction > 0:
+        frame = frame[rng.random(len(frame)) >= missing_fraction].reset_index(drop=True)
+    return frame

@@ -1,0 +1,150 @@
+"""python -m scaling_lab.analysis: fit and predict end to end, its outputs, its errors, and what it imports."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scaling_lab import results
+from scaling_lab.analysis.__main__ import main
+from scaling_lab.analysis.planted import planted_trials, power_law
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    """A results directory as a study writes it: two models, one trial file each, some diverged."""
+    root = tmp_path_factory.mktemp("study")
+    frame = planted_trials(
+        power_law(16.0, 0.5, m=0.25),
+        ranks=(1, 4, 16, 64),
+        alphas=tuple(2.0 ** np.arange(0, 12)),
+        seeds=2,
+        models={"tiny": 1e5, "small": 8e5},
+        noise=0.005,
+        rng=np.random.default_rng(0),
+    )
+    for index, row in enumerate(frame.to_dict("records")):
+        results.write_trial(root, {"trial_id": f"t{index:04d}", "study": "planted", **row}, [])
+    return root
+
+
+def test_fit_writes_law_report_and_plots(study_dir, capsys):
+    assert main(["fit", str(study_dir), "--bootstrap", "100", "--by", "model"]) == 0
+    printed = capsys.readouterr().out
+    assert "optimum per cell (α* in the standard convention)" in printed
+    assert "joint law (model size)" in printed and "√r law" in printed
+    out = study_dir / "analysis"
+    law = json.loads((out / "law.json").read_text())
+    assert law["convention"]["name"] == "standard"
+    assert {t["group"]["model"] for t in law["laws"]} == {"tiny", "small"}
+    (joint,) = law["joint_laws"]
+    assert joint["size_measure"] == "model_params" and joint["k_ci95"][0] < 0.5 < joint["k_ci95"][1]
+    assert {h["rule"] for h in joint["hypotheses"]} == {"fixed α", "√r law", "α ∝ r", "fitted law"}
+    assert law["data"]["rows"] == 192 and law["versions"]["numpy"] == np.__version__
+    assert len(law["cells"]) == 8 and all(c["optimum"] for c in law["cells"])
+    report = (out / "report.md").read_text()
+    for plot in ("metric_vs_alpha.png", "alpha_vs_rank.png", "residuals.png"):
+        assert f"]({plot})" in report
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_convention_is_stated_and_converted(study_dir, tmp_path, capsys):
+    assert main(["fit", str(study_dir), "--bootstrap", "100", "--convention", "rslora", "--out", str(tmp_path)]) == 0
+    law = json.loads((tmp_path / "law.json").read_text())
+    assert law["convention"]["name"] == "rslora"
+    assert law["law"] is not None and law["law"]["formula"].startswith("α_rs* =")
+    forms = law["law_in_other_conventions"]
+    assert forms["standard"]["k"] == pytest.approx(law["law"]["k"] + 0.5)
+    assert forms["scale"]["k"] == pytest.approx(law["law"]["k"] - 0.5)
+    assert "2 models pooled into one law" in capsys.readouterr().out
+
+
+def test_predict_at_unseen_rank_and_size(study_dir, capsys):
+    assert (
+        main(
+            ["predict", str(study_dir), "--rank", "32", "--rank", "1024", "--model-params", "4e5", "--bootstrap", "100"]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "rank 1024 is more than 4× the largest measured rank (64): extrapolated" in printed
+    row = next(line for line in printed.splitlines() if line.split()[-5:-4] == ["32"])
+    assert float(row.split()[-3]) == pytest.approx(16.0 * 32**0.5 * (4e5 / 1e6) ** 0.25, rel=0.15)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["fit", "{tmp}/absent.parquet"], "{tmp}/absent.parquet: no such file or directory"),
+        (["fit", "{tmp}"], "{tmp}: no results (expected trials/*.parquet in it)"),
+        (["predict", "{study}", "--rank", "8", "--model", "huge"], "no law for model 'huge' (models: small, tiny)"),
+    ],
+)
+def test_errors_are_one_line_on_stderr_with_exit_code_2(study_dir, tmp_path, capsys, arguments, message):
+    filled = [a.format(tmp=tmp_path, study=study_dir) for a in arguments]
+    assert main(filled) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert message.format(tmp=tmp_path) in captured.err
+
+
+def test_corrupt_parquet_through_the_real_command_line(tmp_path):
+    bad = tmp_path / "results.parquet"
+    bad.write_bytes(b"PAR1" + b"\0" * 64)
+    done = subprocess.run(
+        [sys.executable, "-m", "scaling_lab.analysis", "fit", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PYTHONPATH": str(REPO), "PATH": ""},
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: {bad}: not a readable Parquet file") and done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr
+
+
+def test_analysis_imports_no_training_stack(tmp_path):
+    """Block ray, torch, transformers, deepspeed and peft outright, then import and run the whole analysis."""
+    csv = tmp_path / "sweep.csv"
+    planted_trials(power_law(8.0, 0.5), ranks=(1, 4, 16), alphas=tuple(2.0 ** np.arange(8)), seeds=1).to_csv(
+        csv, index=False
+    )
+    script = textwrap.dedent(
+        f"""
+        import sys
+        BLOCKED = ("ray", "torch", "transformers", "deepspeed", "peft")
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"blocked: {{name}}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import scaling_lab.analysis, scaling_lab.analysis.report, scaling_lab.analysis.plots
+        from scaling_lab.analysis.__main__ import main
+        assert main(["fit", {str(csv)!r}, "--bootstrap", "20"]) == 0
+        loaded = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
+        assert not loaded, loaded
+        assert "matplotlib.pyplot" not in sys.modules  # figures are drawn on the Agg canvas, no global backend
+        print("clean")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PYTHONPATH": str(REPO), "PATH": ""},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("clean")
