@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
+import string
+import urllib.parse
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ MODEL_KINDS = ("causal_lm", "seq_cls")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 SYNTHETIC_TASKS = ("synthetic:markov-shift",)
 TINY_PREFIX = "tiny:"
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 
 
 class SpecError(ValueError):
@@ -174,15 +178,20 @@ class TrainingSettings:
 class DataSpec:
     """The fine-tuning task: the offline synthetic task, a local JSONL/JSON/Parquet/CSV file, or hf:<dataset id>.
 
-    Columns: text (loss on all tokens), or prompt + completion (loss on completion tokens only),
-    or text + label for sequence classification.
+    Columns: text (loss on all tokens); or a prompt (one column, or a template over several) + completion
+    (loss on completion tokens only); or chat messages (the last assistant turn is the completion, the turns
+    before it are rendered with the tokenizer's chat template); or text + label for sequence classification.
     """
 
     source: str = "synthetic:markov-shift"
     text_column: str | None = None
     prompt_column: str | None = None
+    prompt_template: str | None = None  # e.g. "{instruction}\n{input}\n": fields are column names
     completion_column: str | None = None
+    messages_column: str | None = None  # a list of {role, content} per row
     label_column: str | None = None
+    min_words: int | None = None  # keep rows whose prompt + completion (or text) hold this many words or more ...
+    max_words: int | None = None  # ... and at most this many
     train_split: str = "train"
     eval_split: str | None = None
     eval_fraction: float = 0.1
@@ -212,14 +221,29 @@ class DataSpec:
             if not file.is_file():
                 raise SpecError(f"{path}.source: data file {str(file)!r} does not exist")
         if not self.is_synthetic:
-            has_text = self.text_column is not None
-            has_pair = self.prompt_column is not None and self.completion_column is not None
+            has_prompt = (self.prompt_column is not None) + (self.prompt_template is not None)
+            layouts = [
+                self.text_column is not None,
+                has_prompt == 1 and self.completion_column is not None,
+                self.messages_column is not None,
+            ]
             _require(
-                has_text != has_pair,
+                sum(layouts) == 1 and has_prompt <= 1,
                 f"{path}",
-                "text_column, or prompt_column and completion_column, to say which columns hold the text",
+                "one of: text_column; prompt_column or prompt_template, with completion_column; messages_column",
                 None,
             )
+        if self.prompt_template is not None:
+            fields = [name for _, name, spec, conv in string.Formatter().parse(self.prompt_template) if name is not None]
+            _require(
+                bool(fields) and all(name.isidentifier() for name in fields),
+                f"{path}.prompt_template",
+                "a text with {column} fields naming columns (no indexing, attributes or formats)",
+                self.prompt_template,
+            )
+        for name in ("min_words", "max_words"):
+            if getattr(self, name) is not None:
+                _require(getattr(self, name) >= 0, f"{path}.{name}", "an integer >= 0", getattr(self, name))
         _require(0 < self.eval_fraction < 1, f"{path}.eval_fraction", "a number in (0, 1)", self.eval_fraction)
         _require(self.train_examples >= 1, f"{path}.train_examples", "an integer >= 1", self.train_examples)
         _require(self.eval_examples >= 1, f"{path}.eval_examples", "an integer >= 1", self.eval_examples)
@@ -234,6 +258,28 @@ class DeepSpeedSettings:
 
 
 @dataclass(frozen=True)
+class FaultInjection:
+    """A fault injected on purpose into simulated trials: for the reliability tests and the fault benchmark only.
+
+    kind: error (raises), oom (raises MemoryError), nan (the loss turns NaN), explode (the loss grows tenfold a
+    step), crash (the worker process kills itself, as if killed from outside). It hits the trials whose rank and
+    α are listed (every trial where a list is empty) at step `at_step`, on their first `attempts` attempts (on
+    every attempt if null).
+    """
+
+    kind: Literal["error", "oom", "nan", "explode", "crash"]
+    at_step: int = 1
+    ranks: tuple[int, ...] = ()
+    alphas: tuple[float, ...] = ()
+    attempts: int | None = None
+
+    def check(self, path: str) -> None:
+        _require(self.at_step >= 1, f"{path}.at_step", "an integer >= 1", self.at_step)
+        if self.attempts is not None:
+            _require(self.attempts >= 1, f"{path}.attempts", "an integer >= 1 or null", self.attempts)
+
+
+@dataclass(frozen=True)
 class Execution:
     """How trials are scheduled; nothing here changes what a trial computes."""
 
@@ -242,6 +288,10 @@ class Execution:
     max_concurrent: int | None = None
     trials_per_group: int = 16
     max_retries: int = 2
+    claim_timeout_s: float = 120.0  # a running trial whose heartbeat is older than this is taken over
+    checkpoint_every: int | None = None  # steps between in-trial checkpoints that a retry resumes from; null: none
+    simulated_step_time_s: float = 0.0  # the simulated backend sleeps this long per step
+    inject_faults: tuple[FaultInjection, ...] = ()  # tests and the fault benchmark only
 
     def check(self, path: str) -> None:
         self.resources.check(f"{path}.resources")
@@ -249,6 +299,16 @@ class Execution:
             _require(self.max_concurrent >= 1, f"{path}.max_concurrent", "an integer >= 1 or null", self.max_concurrent)
         _require(self.trials_per_group >= 1, f"{path}.trials_per_group", "an integer >= 1", self.trials_per_group)
         _require(self.max_retries >= 0, f"{path}.max_retries", "an integer >= 0", self.max_retries)
+        _require(self.claim_timeout_s > 0, f"{path}.claim_timeout_s", "a number > 0", self.claim_timeout_s)
+        if self.checkpoint_every is not None:
+            _require(self.checkpoint_every >= 1, f"{path}.checkpoint_every", "an integer >= 1 or null",
+                     self.checkpoint_every)
+        _require(self.simulated_step_time_s >= 0, f"{path}.simulated_step_time_s", "a number >= 0",
+                 self.simulated_step_time_s)
+        for i, fault in enumerate(self.inject_faults):
+            fault.check(f"{path}.inject_faults[{i}]")
+        _require(not self.inject_faults or self.backend == "simulated", f"{path}.inject_faults",
+                 "no faults unless backend is simulated (only simulated trials inject them)", None)
 
 
 @dataclass(frozen=True)
@@ -273,7 +333,12 @@ class StudySpec:
         return target if "://" in target else str(resolve_path(target, base_dir))
 
     def check(self, base_dir: Path) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'", self.name)
+        _require(re.fullmatch(SAFE_NAME, self.name) is not None, "name",
+                 "a name of letters, digits, '.', '_' and '-' that starts with a letter or digit", self.name)
+        if self.output_dir is not None and "://" in self.output_dir:
+            _require(not _credentials_in_uri(self.output_dir), "output_dir",
+                     "a URI without credentials (they would be written to spec.yaml and logs; let the environment "
+                     "or a credentials file supply them)", None)
         _require(len(self.models) > 0, "models", "a non-empty list", [])
         names = [m.name for m in self.models]
         _require(len(set(names)) == len(names), "models", "distinct model names", names)
@@ -297,6 +362,13 @@ class StudySpec:
 def _require(ok: bool, path: str, expected: str, got: Any) -> None:
     if not ok:
         raise SpecError(f"{path}: expected {expected}, got {got!r}" if got is not None else f"{path}: expected {expected}")
+
+
+def _credentials_in_uri(uri: str) -> bool:
+    parts = urllib.parse.urlsplit(uri)
+    secret_words = ("key", "secret", "token", "password", "credential")
+    query_keys = [key.lower() for key, _ in urllib.parse.parse_qsl(parts.query)]
+    return "@" in parts.netloc or any(word in key for key in query_keys for word in secret_words)
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:

@@ -17,7 +17,10 @@ CPU_FLOPS_PER_CORE = 2e10
 
 
 def parameter_count(model: ModelSpec) -> int | None:
-    """Base parameters from the model's config alone (meta device, no weights); None when it cannot be read."""
+    """The spec's num_params if given, else base parameters from the model's config alone (meta device, no
+    weights); None when the config cannot be read."""
+    if model.num_params is not None:
+        return model.num_params
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
