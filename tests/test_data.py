@@ -1,0 +1,302 @@
+"""Fine-tuning data: the synthetic Markov task, local files with loss masks and labels, batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from scaling_lab import data
+from scaling_lab.data import IGNORE_INDEX, DataError
+from scaling_lab.spec import DataSpec
+
+SYNTHETIC = DataSpec(train_examples=300, eval_examples=50)
+QA_ROWS = [
+    {"prompt": "question the cat sat ?", "completion": "yes", "label": "pos"},
+    {"prompt": "question the dog ran far ?", "completion": "no no", "label": "neg"},
+    {"prompt": "question the cat ran ?", "completion": "yes the cat ran", "label": "pos"},
+    {"prompt": "question the mat ?", "completion": "no", "label": "mixed"},
+]
+
+
+def write_table(rows: list[dict], path: Path) -> Path:
+    frame = pd.DataFrame(rows)
+    if path.suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    return path
+
+
+def load(spec: DataSpec, tokenizer, tmp_path: Path, kind: str = "causal_lm", seq_len: int = 12) -> data.Task:
+    return data.load_task(
+        spec, kind=kind, tokenizer=tokenizer, vocab_size=len(tokenizer), seq_len=seq_len, base_dir=tmp_path
+    )
+
+
+def synthetic(spec: DataSpec = SYNTHETIC, kind: str = "causal_lm", vocab_size: int = 64) -> data.Task:
+    return data.load_task(spec, kind=kind, tokenizer=None, vocab_size=vocab_size, seq_len=32, base_dir=Path("."))
+
+
+def rows_of(task: data.Task) -> list[tuple]:
+    """Every example of both splits as a tuple of (name, values) pairs, to compare as sets."""
+    rows = []
+    for split in (task.train, task.eval):
+        for i in range(len(split["input_ids"])):
+            rows.append(tuple((name, tuple(tensor[i].tolist())) for name, tensor in sorted(split.items())))
+    return rows
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(text.split())
+
+
+def row_lengths(split: dict[str, torch.Tensor]) -> set[int]:
+    return set(split["attention_mask"].sum(dim=1).tolist())
+
+
+# ---- Markov chains and the synthetic task ----
+
+
+def test_sample_markov_follows_the_transition_probabilities():
+    logits = data.markov_logits(8, seed=5)
+    tokens = data.sample_markov(logits, 2000, 50, torch.Generator().manual_seed(0))
+    assert tokens.shape == (2000, 50) and tokens.dtype == torch.long
+    counts = torch.zeros(8, 8)
+    transitions = (tokens[:, :-1].flatten(), tokens[:, 1:].flatten())
+    counts.index_put_(transitions, torch.ones(len(transitions[0])), accumulate=True)
+    empirical = counts / counts.sum(dim=1, keepdim=True)
+    assert (empirical - torch.softmax(logits, dim=-1)).abs().max() < 0.02
+
+
+def test_synthetic_task_is_fixed_by_constants():
+    task = synthetic()
+    expected_train = data.sample_markov(
+        data.markov_shift_task_logits(), 300, 32, torch.Generator().manual_seed(data.TASK_TRAIN_SAMPLE_SEED)
+    )
+    assert task.name == "synthetic:markov-shift"
+    assert torch.equal(task.train["input_ids"], expected_train)
+    assert torch.equal(task.train["labels"], expected_train)
+    assert task.train["attention_mask"].all() and task.eval["input_ids"].shape == (50, 32)
+    again = synthetic()
+    assert again is task  # memoized: a pack of trials samples once
+
+
+def test_synthetic_eval_split_is_independent_of_the_train_split():
+    small = synthetic()
+    larger = synthetic(DataSpec(train_examples=500, eval_examples=50))
+    assert torch.equal(small.eval["input_ids"], larger.eval["input_ids"])
+    train_rows = {tuple(row) for row in larger.train["input_ids"].tolist()}
+    assert not train_rows & {tuple(row) for row in small.eval["input_ids"].tolist()}
+
+
+def test_synthetic_task_is_a_low_rank_shift_away_from_pretraining():
+    pretraining, task_logits = data.pretraining_chain_logits(), data.markov_shift_task_logits()
+    assert torch.linalg.matrix_rank(task_logits - pretraining) == data.SHIFT_RANK
+    task_probabilities = torch.softmax(task_logits, dim=-1)
+    kl = (task_probabilities * (task_probabilities.log() - torch.log_softmax(pretraining, dim=-1))).sum(-1).mean()
+    assert kl > 0.3
+
+    # The sampled data really comes from the shifted chain: it is much likelier under it than under pretraining's.
+    tokens = synthetic().train["input_ids"]
+
+    def nll(logits):
+        return torch.nn.functional.cross_entropy(logits[tokens[:, :-1]].flatten(0, 1), tokens[:, 1:].flatten())
+
+    assert nll(pretraining) - nll(task_logits) > 0.3
+
+
+def test_synthetic_task_needs_a_causal_lm_with_its_vocabulary():
+    with pytest.raises(DataError, match="needs a causal_lm model"):
+        synthetic(kind="seq_cls")
+    with pytest.raises(DataError, match="at least 64 tokens, got 32"):
+        synthetic(vocab_size=32)
+
+
+# ---- files ----
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_prompt_completion_masks_the_prompt_token_by_token(suffix, tmp_path, causal_tokenizer):
+    source = write_table(QA_ROWS, tmp_path / f"qa{suffix}")
+    spec = DataSpec(source=source.name, prompt_column="prompt", completion_column="completion", eval_fraction=0.25)
+    seq_len = 10  # the third row (11 tokens) loses its EOS
+    task = load(spec, causal_tokenizer, tmp_path, seq_len=seq_len)
+
+    bos, eos = causal_tokenizer.bos_token_id, causal_tokenizer.eos_token_id
+    expected = []
+    for row in QA_ROWS:
+        prompt = [bos] + ids(causal_tokenizer, row["prompt"])
+        completion = ids(causal_tokenizer, row["completion"]) + [eos]
+        tokens = (prompt + completion)[:seq_len]
+        padding = seq_len - len(tokens)
+        expected.append(
+            (
+                ("attention_mask", tuple([1] * len(tokens) + [0] * padding)),
+                ("input_ids", tuple(tokens + [eos] * padding)),  # padded with EOS: the tokenizer has no pad token
+                ("labels", tuple(([IGNORE_INDEX] * len(prompt) + completion)[:seq_len] + [IGNORE_INDEX] * padding)),
+            )
+        )
+    assert len(task.train["input_ids"]) == 3 and len(task.eval["input_ids"]) == 1
+    assert sorted(rows_of(task)) == sorted(expected)
+
+
+def test_text_column_trains_on_every_token_and_truncates(tmp_path, causal_tokenizer):
+    rows = [{"text": "the cat sat on the mat"}, {"text": "the dog ran far far far far far"}, {"text": "yes"}]
+    write_table(rows, tmp_path / "text.csv")
+    spec = DataSpec(source="text.csv", text_column="text", eval_fraction=0.3)
+    task = load(spec, causal_tokenizer, tmp_path, seq_len=8)
+
+    expected = []
+    for row in rows:
+        tokens = ([causal_tokenizer.bos_token_id] + ids(causal_tokenizer, row["text"]))[:8]
+        padding = 8 - len(tokens)
+        pad = causal_tokenizer.eos_token_id
+        expected.append(
+            (
+                ("attention_mask", tuple([1] * len(tokens) + [0] * padding)),
+                ("input_ids", tuple(tokens + [pad] * padding)),
+                ("labels", tuple(tokens + [IGNORE_INDEX] * padding)),
+            )
+        )
+    assert sorted(rows_of(task)) == sorted(expected)
+
+
+def test_string_labels_are_numbered_in_sorted_order(tmp_path, bert_tokenizer):
+    write_table(QA_ROWS, tmp_path / "cls.parquet")
+    spec = DataSpec(source="cls.parquet", text_column="prompt", label_column="label", eval_fraction=0.25)
+    task = load(spec, bert_tokenizer, tmp_path, kind="seq_cls", seq_len=10)
+
+    label_ids = {"mixed": 0, "neg": 1, "pos": 2}
+    label_by_tokens = {}
+    for split in (task.train, task.eval):
+        assert split["labels"].dtype == torch.long and split["labels"].dim() == 1
+        assert "token_type_ids" not in split
+        for tokens, label in zip(split["input_ids"].tolist(), split["labels"].tolist()):
+            label_by_tokens[tuple(tokens)] = label
+    for row in QA_ROWS:
+        tokens = [bert_tokenizer.cls_token_id] + ids(bert_tokenizer, row["prompt"]) + [bert_tokenizer.sep_token_id]
+        tokens += [bert_tokenizer.pad_token_id] * (10 - len(tokens))
+        assert label_by_tokens[tuple(tokens)] == label_ids[row["label"]]
+
+
+def test_sentence_pairs_for_classification_keep_integer_labels(tmp_path, bert_tokenizer):
+    rows = [{"premise": "the cat sat", "hypothesis": "the cat ran", "label": 5 * (i % 3)} for i in range(6)]
+    write_table(rows, tmp_path / "pairs.jsonl")
+    spec = DataSpec(source="pairs.jsonl", prompt_column="premise", completion_column="hypothesis", label_column="label")
+    task = load(spec, bert_tokenizer, tmp_path, kind="seq_cls", seq_len=10)
+
+    labels = sorted(task.train["labels"].tolist() + task.eval["labels"].tolist())
+    assert labels == [0, 0, 5, 5, 10, 10]  # as they are, not renumbered as text
+    cls, sep, pad = bert_tokenizer.cls_token_id, bert_tokenizer.sep_token_id, bert_tokenizer.pad_token_id
+    premise, hypothesis = ids(bert_tokenizer, "the cat sat"), ids(bert_tokenizer, "the cat ran")
+    assert task.train["input_ids"][0].tolist() == [cls, *premise, sep, *hypothesis, sep, pad]
+    assert task.train["token_type_ids"][0].tolist() == [0] * 5 + [1] * 4 + [0]
+    assert task.train["attention_mask"][0].tolist() == [1] * 9 + [0]
+
+
+def test_negative_labels_are_rejected(tmp_path, bert_tokenizer):
+    write_table([{"text": "the cat", "label": -1}, {"text": "the dog", "label": 1}], tmp_path / "unlabelled.csv")
+    spec = DataSpec(source="unlabelled.csv", text_column="text", label_column="label")
+    with pytest.raises(DataError, match="column 'label' has negative labels"):
+        load(spec, bert_tokenizer, tmp_path, kind="seq_cls")
+
+
+def test_held_out_split_is_fixed_and_disjoint(tmp_path, causal_tokenizer):
+    rows = [{"text": " ".join(["the"] * (i + 1))} for i in range(20)]
+    write_table(rows, tmp_path / "many.jsonl")
+    spec = DataSpec(source="many.jsonl", text_column="text", eval_fraction=0.25)
+    task = load(spec, causal_tokenizer, tmp_path, seq_len=24)
+
+    # Every row has its own length, so lengths name rows.
+    assert len(row_lengths(task.train)) == 15 and len(row_lengths(task.eval)) == 5
+    assert row_lengths(task.train) | row_lengths(task.eval) == set(range(2, 22))
+    rebuilt = load(spec, causal_tokenizer, tmp_path, seq_len=25)
+    assert row_lengths(rebuilt.eval) == row_lengths(task.eval)
+
+    truncated_spec = DataSpec(source="many.jsonl", text_column="text", max_examples=8)
+    truncated = load(truncated_spec, causal_tokenizer, tmp_path, seq_len=24)
+    assert row_lengths(truncated.train) | row_lengths(truncated.eval) == set(range(2, 10))
+
+
+def test_text_data_needs_a_tokenizer(tmp_path):
+    write_table(QA_ROWS, tmp_path / "qa.jsonl")
+    with pytest.raises(DataError, match="needs a model with a tokenizer"):
+        data.load_task(
+            DataSpec(source="qa.jsonl", text_column="prompt"), kind="causal_lm", tokenizer=None, vocab_size=64,
+            seq_len=8, base_dir=tmp_path,
+        )
+
+
+# ---- validation ----
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_missing_column_names_file_and_column(suffix, tmp_path, causal_tokenizer):
+    source = write_table(QA_ROWS, tmp_path / f"qa{suffix}")
+    spec = DataSpec(source=source.name, prompt_column="prompt", completion_column="answer")
+    for check in (lambda: data.validate_data_source(spec, tmp_path), lambda: load(spec, causal_tokenizer, tmp_path)):
+        with pytest.raises(DataError) as error:
+            check()
+        assert str(error.value).startswith(f"{source}: no column 'answer' (data.completion_column)")
+        assert "\n" not in str(error.value)
+
+
+def test_empty_values_are_reported(tmp_path):
+    write_table([{"text": "the cat"}, {"text": None}], tmp_path / "gaps.jsonl")
+    with pytest.raises(DataError, match=r"gaps.jsonl: column 'text' has 1 empty values, first in row 1"):
+        data.validate_data_source(DataSpec(source="gaps.jsonl", text_column="text"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.csv", "text\n", "has no rows"),
+        ("broken.parquet", "not parquet", "cannot be read as parquet"),
+        ("broken.jsonl", '{"text": "the"\n', "cannot be read as jsonl"),
+        ("missing.csv", None, "data file does not exist"),
+    ],
+)
+def test_unreadable_files_are_reported(name, content, message, tmp_path):
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(DataError) as error:
+        data.validate_data_source(DataSpec(source=name, text_column="text"), tmp_path)
+    assert str(error.value).startswith(str(tmp_path / name)) and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_synthetic_and_hub_sources_pass_validation(tmp_path):
+    data.validate_data_source(DataSpec(), tmp_path)
+    data.validate_data_source(DataSpec(source="hf:nyu-mll/glue:mrpc", text_column="sentence1"), tmp_path)
+
+
+# ---- batches ----
+
+
+def test_batch_iterator_depends_only_on_its_seed():
+    split = {"input_ids": torch.arange(10).unsqueeze(1), "labels": torch.arange(10)}
+
+    def take(seed, count):
+        batches = data.batch_iterator(split, batch_size=5, seed=seed)
+        return [next(batches)["labels"].tolist() for _ in range(count)]
+
+    first = take(0, 4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(99)
+        assert take(0, 4) == first
+    assert take(1, 4) != first
+    assert sorted(first[0] + first[1]) == list(range(10)) == sorted(first[2] + first[3])  # whole epochs
+
+
+def test_batch_iterator_fills_batches_larger_than_the_split():
+    split = {"input_ids": torch.arange(3).unsqueeze(1)}
+    batch = next(data.batch_iterator(split, batch_size=8, seed=0))
+    assert batch["input_ids"].shape == (8, 1)
