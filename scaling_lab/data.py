@@ -6,6 +6,8 @@ over SYNTHETIC_VOCAB_SIZE tokens: pretraining learns the chain, fine-tuning lear
 
 from __future__ import annotations
 
+import dataclasses
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -120,7 +122,8 @@ def _build_task(data: DataSpec, kind: str, tokenizer: Any, vocab_size: int, seq_
         return _synthetic_task(data, kind, vocab_size, seq_len)
     if tokenizer is None:
         raise DataError(f"{data.source}: text data needs a model with a tokenizer (tiny:<size> models have none)")
-    train_rows, eval_rows = _read_splits(data, base_dir)
+    train_rows, eval_rows = _read_splits(data, base_dir, tokenizer)
+    data = _as_prompt_and_completion(data)
     if kind == "seq_cls":
         train_labels, eval_labels = _label_ids(train_rows[data.label_column], eval_rows[data.label_column], data)
         return Task(
@@ -169,14 +172,15 @@ def validate_data_source(data: DataSpec, base_dir: Path) -> None:
     _check_table(_read_table(path, max_rows=VALIDATION_ROWS), data, str(path))
 
 
-def _read_splits(data: DataSpec, base_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train and eval rows; at most max_examples rows are read from each split, before any hold-out."""
+def _read_splits(data: DataSpec, base_dir: Path, tokenizer: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train and eval rows, laid out and filtered by word count; at most max_examples rows of each split are
+    kept, before any hold-out."""
     if data.is_hub:
-        train_rows = _read_hub_split(data, data.train_split)
-        eval_rows = _read_hub_split(data, data.eval_split) if data.eval_split else None
+        train_rows = _laid_out(_read_hub_split(data, data.train_split), data, tokenizer)
+        eval_rows = _laid_out(_read_hub_split(data, data.eval_split), data, tokenizer) if data.eval_split else None
     else:
         path = resolve_path(data.source, base_dir)
-        train_rows, eval_rows = _check_table(_read_table(path), data, str(path)), None
+        train_rows, eval_rows = _laid_out(_check_table(_read_table(path), data, str(path)), data, tokenizer), None
     if data.max_examples is not None:
         train_rows = train_rows.head(data.max_examples)
         eval_rows = eval_rows.head(data.max_examples) if eval_rows is not None else None
@@ -240,8 +244,63 @@ _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parque
 
 
 def _named_columns(data: DataSpec) -> dict[str, str]:
-    fields = ("text_column", "prompt_column", "completion_column", "label_column")
-    return {field: getattr(data, field) for field in fields if getattr(data, field) is not None}
+    fields = ("text_column", "prompt_column", "completion_column", "messages_column", "label_column")
+    named = {field: getattr(data, field) for field in fields if getattr(data, field) is not None}
+    if data.prompt_template is not None:
+        for _, column, _, _ in string.Formatter().parse(data.prompt_template):
+            if column is not None:
+                named[f"prompt_template {{{column}}}"] = column
+    return named
+
+
+PROMPT, COMPLETION = "prompt", "completion"
+
+
+def _as_prompt_and_completion(data: DataSpec) -> DataSpec:
+    """The spec as seen after `_laid_out`: a template or chat messages have become prompt and completion."""
+    if data.prompt_template is None and data.messages_column is None:
+        return data
+    return dataclasses.replace(
+        data, prompt_column=PROMPT, completion_column=COMPLETION, prompt_template=None, messages_column=None
+    )
+
+
+def _laid_out(table: pd.DataFrame, data: DataSpec, tokenizer: Any) -> pd.DataFrame:
+    """Rows with the prompt a template or chat messages make, filtered by data.min_words / max_words."""
+    if data.prompt_template is not None:
+        table = table.assign(
+            **{PROMPT: [data.prompt_template.format_map(row) for row in table.astype(str).to_dict("records")],
+               COMPLETION: table[data.completion_column].astype(str)}
+        )
+    elif data.messages_column is not None:
+        table = table.assign(**dict(zip((PROMPT, COMPLETION), zip(*(
+            _chat_turns(messages, tokenizer, data.source) for messages in table[data.messages_column]
+        )), strict=True)))
+    if data.min_words is None and data.max_words is None:
+        return table
+    columns = [data.text_column] if data.text_column is not None else [
+        PROMPT if PROMPT in table else data.prompt_column, COMPLETION if COMPLETION in table else data.completion_column
+    ]
+    words = sum(table[c].astype(str).str.split().str.len() for c in columns)
+    kept = table[words.between(data.min_words or 0, data.max_words if data.max_words is not None else float("inf"))]
+    if kept.empty:
+        raise DataError(f"{data.source}: no row holds between {data.min_words} and {data.max_words} words")
+    return kept
+
+
+def _chat_turns(messages: Any, tokenizer: Any, where: str) -> tuple[str, str]:
+    """The conversation before the last assistant turn, rendered with the chat template, and that turn."""
+    messages = list(messages)
+    if not messages or messages[-1].get("role") != "assistant":
+        raise DataError(f"{where}: a conversation does not end with an assistant turn")
+    if tokenizer is None or tokenizer.chat_template is None:
+        raise DataError(f"{where}: chat messages need a model whose tokenizer has a chat template")
+    prompt = tokenizer.apply_chat_template(
+        [dict(m) for m in messages[:-1]], tokenize=False, add_generation_prompt=True
+    )
+    if tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
+        prompt = prompt[len(tokenizer.bos_token) :]  # the tokenizer adds it again when encoding
+    return prompt, str(messages[-1]["content"])
 
 
 def _check_table(table: pd.DataFrame, data: DataSpec, where: str) -> pd.DataFrame:

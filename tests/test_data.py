@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -300,3 +301,66 @@ def test_batch_iterator_fills_batches_larger_than_the_split():
     split = {"input_ids": torch.arange(3).unsqueeze(1)}
     batch = next(data.batch_iterator(split, batch_size=8, seed=0))
     assert batch["input_ids"].shape == (8, 1)
+
+
+# ---- prompt templates, chat messages and word filters ----
+
+INSTRUCTION_ROWS = [
+    {"instruction": "question", "input": "the cat sat ?", "response": "yes"},
+    {"instruction": "question", "input": "the dog ran far on the mat ?", "response": "no the dog sat"},
+    {"instruction": "question", "input": "?", "response": "no"},
+]
+
+
+def test_prompt_template_joins_columns_and_word_filter_keeps_the_range(tmp_path, causal_tokenizer):
+    source = write_table(INSTRUCTION_ROWS, tmp_path / "sql.jsonl")
+    spec = DataSpec(source=source.name, prompt_template="{instruction}\n{input}\n", completion_column="response",
+                    min_words=4, max_words=13, eval_fraction=0.5)
+    task = load(spec, causal_tokenizer, tmp_path, seq_len=16)
+    # words: 6, 13 and 2: the third row is filtered out
+    bos, eos = causal_tokenizer.bos_token_id, causal_tokenizer.eos_token_id
+    expected_labels = set()
+    for row in INSTRUCTION_ROWS[:2]:
+        prompt = [bos] + ids(causal_tokenizer, f"{row['instruction']} {row['input']}")
+        completion = ids(causal_tokenizer, row["response"]) + [eos]
+        expected_labels.add(tuple([IGNORE_INDEX] * len(prompt) + completion + [IGNORE_INDEX] * (16 - len(prompt) - len(completion))))
+    got = {tuple(split["labels"][i].tolist()) for split in (task.train, task.eval) for i in range(len(split["labels"]))}
+    assert got == expected_labels
+    with pytest.raises(data.DataError, match="no row holds between 40 and 50 words"):
+        load(DataSpec(source=source.name, prompt_template="{instruction}{input}", completion_column="response",
+                      min_words=40, max_words=50), causal_tokenizer, tmp_path)
+
+
+def test_template_columns_are_checked_before_compute(tmp_path):
+    source = write_table(INSTRUCTION_ROWS, tmp_path / "sql.csv")
+    spec = DataSpec(source=source.name, prompt_template="{instruction} {context}", completion_column="response")
+    with pytest.raises(data.DataError, match=r"no column 'context' \(data.prompt_template \{context\}\)"):
+        data.validate_data_source(spec, tmp_path)
+
+
+def test_chat_messages_train_on_the_last_assistant_turn(tmp_path, causal_tokenizer):
+    chat = copy.deepcopy(causal_tokenizer)
+    chat.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}answer : {% endif %}"
+    )
+    rows = [
+        {"messages": [{"role": "user", "content": "the cat sat ?"}, {"role": "assistant", "content": "yes"}]},
+        {"messages": [{"role": "user", "content": "the dog ?"}, {"role": "assistant", "content": "no the dog ran"}]},
+    ]
+    source = write_table(rows, tmp_path / "chat.jsonl")
+    task = load(DataSpec(source=source.name, messages_column="messages", eval_fraction=0.5), chat, tmp_path, seq_len=12)
+    bos, eos = chat.bos_token_id, chat.eos_token_id
+    expected = set()
+    for row in rows:
+        user, assistant = row["messages"]
+        prompt = [bos] + ids(chat, f"{user['content']} answer :")  # one BOS: the template's is not doubled
+        completion = ids(chat, assistant["content"]) + [eos]
+        tokens = prompt + completion
+        expected.add(tuple(tokens + [eos] * (12 - len(tokens))))
+    got = {tuple(split["input_ids"][i].tolist()) for split in (task.train, task.eval) for i in range(len(split["input_ids"]))}
+    assert got == expected
+
+    unanswered = write_table([{"messages": [{"role": "user", "content": "the cat ?"}]}] * 2, tmp_path / "open.jsonl")
+    with pytest.raises(data.DataError, match="does not end with an assistant turn"):
+        load(DataSpec(source=unanswered.name, messages_column="messages"), chat, tmp_path)
