@@ -1,0 +1,66 @@
+"""`study submit`: run a study on a Ray cluster as a Ray job, through the cluster's job API (the dashboard port).
+
+The spec is validated here first, exactly as the job will see it (relative paths against the working directory
+that is uploaded), so that a typo costs one line of output and submits nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+from pathlib import Path
+
+from scaling_lab import spec as spec_lib
+
+# Never uploaded with the working directory (Ray also leaves out what .gitignore names).
+UPLOAD_EXCLUDES = [".venv", "results", ".git", "__pycache__", ".pytest_cache", "*.egg-info"]
+
+
+def cmd_submit(args) -> None:
+    working_dir = Path(args.working_dir).resolve()
+    spec_path = Path(args.spec).resolve()
+    if not spec_path.is_relative_to(working_dir):
+        raise spec_lib.SpecError(f"{args.spec}: the spec must lie inside the working directory {working_dir}, "
+                                 "which is what the cluster receives")
+    with contextlib.chdir(working_dir):
+        spec = _validated(spec_path, args.override)
+    entrypoint = shlex.join(
+        ["python", "-m", "scaling_lab.study", "run", str(spec_path.relative_to(working_dir)),
+         *(part for item in args.override for part in ("--override", item))]
+    )
+    job_id = _submit(args.address, entrypoint, working_dir, spec.name)
+    address = args.address or "$RAY_ADDRESS"
+    results_location = spec.output_dir or f"results/{spec.name}"
+    print(f"submitted study {spec.name!r} as Ray job {job_id}")
+    print(f"  follow:   ray job logs --address {address} --follow {job_id}")
+    print(f"  progress: python -m scaling_lab.study status {shlex.quote(results_location)}")
+    print(f"  stop:     ray job stop --address {address} {job_id}")
+    if "://" not in results_location and not Path(results_location).expanduser().is_absolute():
+        print(f"warning: results go to {results_location} inside the job's working directory on the head node, "
+              "which Ray deletes with the job's files; set output_dir to s3://..., gs://... or a shared absolute "
+              "path", file=sys.stderr)
+
+
+def _validated(spec_path: Path, overrides: list[str]) -> spec_lib.StudySpec:
+    from scaling_lab.data import validate_data_source
+
+    spec = spec_lib.load(spec_path, overrides)
+    validate_data_source(spec.data, Path.cwd())
+    return spec
+
+
+def _submit(address: str | None, entrypoint: str, working_dir: Path, study: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+        return client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES},
+            metadata={"study": study},
+        )
+    except (OSError, RuntimeError, ValueError) as exc:  # OSError: requests' connection errors too
+        print(f"error: cannot submit to the Ray job API at {address or '$RAY_ADDRESS'}: "
+              f"{' '.join(str(exc).split())[:500]}", file=sys.stderr)
+        raise SystemExit(1) from None
