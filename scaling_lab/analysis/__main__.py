@@ -4,6 +4,7 @@ python -m scaling_lab.analysis fit results/default                 # law, law.js
 python -m scaling_lab.analysis fit results/default --by model      # one law per model, plus a joint law
 python -m scaling_lab.analysis predict results/default --rank 256  # α* and its interval at an unseen rank
 python -m scaling_lab.analysis fit results.parquet --convention rslora
+python -m scaling_lab.analysis equivalence results/lr_alpha        # is the metric a function of α·lr alone?
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import sys
 from pathlib import Path
 
 from scaling_lab.analysis.conventions import CONVENTION_EXPONENTS
+from scaling_lab.analysis.equivalence import MIN_AXIS_VALUES
 from scaling_lab.analysis.fit import AnalysisError, FitSettings, fit_study, predict
 from scaling_lab.analysis.load import DEFAULT_METRIC, load_results
 from scaling_lab.analysis.powerlaw import SIZE_MEASURES
 from scaling_lab.analysis.report import (
+    format_equivalence,
     format_predictions,
     format_terminal,
     write_outputs,
@@ -92,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-params", type=_positive_float, help="model size N: use the joint law c·r^k·N^m"
     )
     predict_command.add_argument("--model", help="use this model's own law")
+
+    commands.add_parser(
+        "equivalence",
+        parents=[common],
+        help="per model and rank on an α × learning-rate grid: is the metric a function of α·lr alone?",
+    )
     return parser
 
 
@@ -115,11 +124,20 @@ def main(argv: list[str] | None = None) -> int:
             tolerance=args.tolerance,
             keep_edge=args.keep_edge,
         )
-        results = load_results(args.source, metric=args.metric, maximize=args.maximize)
+        results = load_results(
+            args.source, metric=args.metric, maximize=args.maximize, diagnostics=args.command == "fit"
+        )
         fit = fit_study(results, settings)
         if args.command == "predict":
             predictions = predict(fit, args.rank, model_params=args.model_params, model=args.model)
             print(format_predictions(fit, predictions, args.model_params))
+            return 0
+        if args.command == "equivalence":
+            if not fit.equivalence:
+                raise AnalysisError(
+                    f"no α × learning-rate grid: no model and rank has trials at {MIN_AXIS_VALUES} or more values of each"
+                )
+            print(format_equivalence(fit))
             return 0
         written = write_outputs(fit, args.out or default_out_dir(args.source))
     except ResultsError as exc:

@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from scaling_lab.analysis.conventions import CONVENTION_EXPONENTS, alpha_in_convention
+from scaling_lab.analysis.equivalence import AlphaLrEquivalence, alpha_lr_equivalence
 from scaling_lab.analysis.hypotheses import HypothesisTest, evaluate_rules
 from scaling_lab.analysis.load import LoadedResults
 from scaling_lab.analysis.optimum import CellOptimum, find_optima
@@ -18,6 +20,7 @@ from scaling_lab.analysis.powerlaw import (
     Prediction,
     fit_power_law,
 )
+from scaling_lab.analysis.training_diagnostics import diagnostics_by_alpha, has_diagnostics
 
 
 class AnalysisError(ValueError):
@@ -72,6 +75,8 @@ class StudyFit:
     joint_laws: tuple[TestedLaw, ...]
     learning_rate_cells: tuple[CellOptimum, ...]
     learning_rate_laws: tuple[TestedLaw, ...]
+    equivalence: tuple[AlphaLrEquivalence, ...]
+    diagnostics: pd.DataFrame | None  # training diagnostics per model × learning rate × rank × α, means over seeds
     warnings: tuple[str, ...]
 
     @property
@@ -98,7 +103,9 @@ def fit_study(results: LoadedResults, settings: FitSettings = FitSettings()) -> 
         )
 
     work = trials.assign(alpha=alpha_in_convention(trials["effective_scale"], trials["rank"], settings.convention))
-    alpha_rng, learning_rate_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(settings.seed).spawn(2))
+    alpha_rng, learning_rate_rng, equivalence_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(settings.seed).spawn(3)
+    )
     optimum_options = {
         "maximize": results.maximize,
         "n_bootstrap": settings.n_bootstrap,
@@ -117,10 +124,18 @@ def fit_study(results: LoadedResults, settings: FitSettings = FitSettings()) -> 
 
     learning_rate_cells: list[CellOptimum] = []
     learning_rate_laws: list[TestedLaw] = []
+    equivalence: list[AlphaLrEquivalence] = []
     if learning_rate_is_axis:
         learning_rate_cells = find_optima(work, "learning_rate", ("alpha",), rng=learning_rate_rng, **optimum_options)
         learning_rate_laws = _fit_groups(
             learning_rate_cells, by_model + ("alpha",), "learning_rate", settings, results.maximize
+        )
+        equivalence = alpha_lr_equivalence(
+            work,
+            maximize=results.maximize,
+            tolerance=settings.tolerance,
+            n_bootstrap=settings.n_bootstrap,
+            rng=equivalence_rng,
         )
 
     return StudyFit(
@@ -131,6 +146,8 @@ def fit_study(results: LoadedResults, settings: FitSettings = FitSettings()) -> 
         joint_laws=tuple(joint_laws),
         learning_rate_cells=tuple(learning_rate_cells),
         learning_rate_laws=tuple(learning_rate_laws),
+        equivalence=tuple(equivalence),
+        diagnostics=diagnostics_by_alpha(work) if has_diagnostics(work) else None,
         warnings=tuple(warnings),
     )
 

@@ -1,14 +1,15 @@
 """Read study results (a results directory, a Parquet file or a CSV file) into one validated table of trials.
 
 Only `rank`, `alpha` and the metric column are required; every other column has a default, so hand-made
-files work. Rows with status "error" or "oom" are dropped and counted; "diverged" rows, and rows whose
-metric is not finite, stay in as trials worse than any finite one.
+files work. Rows with status "error" or "oom" are dropped and counted; "diverged" and "pruned" (stopped early,
+see scaling_lab/early_stop.py) rows, and rows whose metric is not finite, stay in as trials worse than any
+finite one. A results directory's curves can add each trial's training diagnostics (training_diagnostics.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 
 from scaling_lab import results
 from scaling_lab.analysis.conventions import RULE_EXPONENTS, effective_scale
+from scaling_lab.analysis.training_diagnostics import SPECTRAL_RATIO, read_trial_diagnostics
 from scaling_lab.results import ResultsError
 
 REQUIRED_COLUMNS = ("rank", "alpha")
@@ -44,12 +46,14 @@ POOLED_COLUMNS = (
     "precision",
 )
 PROVENANCE_COLUMNS = ("study", "git_commit")
+# Kept as they are when present: the trial id joins the curve table's diagnostics, the spectral ratio is one.
+PASSED_THROUGH_COLUMNS = ("trial_id", SPECTRAL_RATIO)
 DEFAULT_METRIC = "final_eval_loss"
 
 
 @dataclass(frozen=True)
 class LoadedResults:
-    """Usable trials (status ok or diverged) with the columns the analysis reads, and what was left out."""
+    """Usable trials (status ok, diverged or pruned) with the columns the analysis reads, and what was left out."""
 
     source: str
     trials: pd.DataFrame = field(repr=False)
@@ -84,10 +88,18 @@ def metric_is_maximized(metric: str) -> bool:
     return "accuracy" in metric
 
 
-def load_results(source: str | Path, metric: str = DEFAULT_METRIC, maximize: bool | None = None) -> LoadedResults:
+def load_results(
+    source: str | Path, metric: str = DEFAULT_METRIC, maximize: bool | None = None, diagnostics: bool = False
+) -> LoadedResults:
     """Read and validate `source` (a results directory, local or at a URI, or a .parquet / .csv file);
-    raises ResultsError with a one-line message naming the file."""
-    return from_frame(_read_source(str(source), metric), metric, maximize, source=source)
+    raises ResultsError with a one-line message naming the file. With `diagnostics`, a results directory's
+    curves add each trial's training diagnostics to its row (see training_diagnostics)."""
+    loaded = from_frame(_read_source(str(source), metric), metric, maximize, source=source)
+    if diagnostics and is_results_directory(source) and "trial_id" in loaded.trials:
+        summary = read_trial_diagnostics(results.as_store(str(source)), loaded.trials["trial_id"])
+        if summary is not None:
+            loaded = replace(loaded, trials=loaded.trials.join(summary, on="trial_id"))
+    return loaded
 
 
 def from_frame(
@@ -167,7 +179,7 @@ def _normalize(path: str, raw: pd.DataFrame, metric: str, maximize: bool) -> Loa
     if unknown:
         raise ResultsError(f"{path}: column status has {unknown}, expected one of {list(results.STATUSES)}")
     status_counts = {name: int(n) for name, n in status.value_counts().items() if n > 0}
-    usable = status.isin(("ok", "diverged")).to_numpy()
+    usable = status.isin(("ok", "diverged", "pruned")).to_numpy()
     if not usable.any():
         raise ResultsError(f"{path}: no usable trials (every row has status error or oom: {status_counts})")
 
@@ -203,7 +215,7 @@ def _normalize(path: str, raw: pd.DataFrame, metric: str, maximize: bool) -> Loa
                 f"effective_scale differs from alpha under its scaling_rule in {disagree} rows; using effective_scale"
             )
 
-    diverged = (status == "diverged").to_numpy()
+    diverged = status.isin(("diverged", "pruned")).to_numpy()
     nonfinite_ok = int((~diverged & ~np.isfinite(value)).sum())
     objective = np.where(diverged | ~np.isfinite(value), np.inf, -value if maximize else value)
     model = _text_column(frame, "model", "default")
@@ -222,6 +234,9 @@ def _normalize(path: str, raw: pd.DataFrame, metric: str, maximize: bool) -> Loa
             "objective": objective,
         }
     )
+    for name in PASSED_THROUGH_COLUMNS:
+        if name in frame:
+            trials[name] = frame[name].to_numpy()
     if "seed" in frame:
         trials["seed"] = pd.factorize(frame["seed"])[0]
     else:

@@ -7,15 +7,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import QuadMesh
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from scaling_lab.analysis.conventions import CONVENTION_AXIS_LABELS, CONVENTION_SYMBOLS
+from scaling_lab.analysis.equivalence import VERDICT_LABELS, AlphaLrEquivalence
 from scaling_lab.analysis.fit import StudyFit, TestedLaw
 from scaling_lab.analysis.hypotheses import rules_for
 from scaling_lab.analysis.optimum import CellOptimum
@@ -24,6 +27,15 @@ from scaling_lab.analysis.powerlaw import PowerLaw
 MAX_PANEL_COLUMNS = 6
 MAX_LAWS_SHOWN = 8
 MAX_JOINT_LAWS_SHOWN = 2
+MAX_SURFACES_SHOWN = 4
+MAX_DIAGNOSTIC_MODELS = 4
+CONTOUR_TOLERANCES = (1.0, 4.0, 16.0)  # fitted-surface contours, in multiples of the tolerance above its optimum
+DIAGNOSTIC_PANELS = (
+    ("drift_ratio", "(a) drift ratio (drift / signal)", 1.0),
+    ("signal", "(b) signal (predicted probe-loss decrease)", None),
+    ("update_norm", "(c) update norm ‖s·B·A‖_F", None),
+    ("spectral_ratio_mean", "(d) spectral ratio σ₁(s·B·A) / σ₁(W)", 1.0),
+)
 GROUP_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 REFERENCE_STYLES = (":", "--", "-.")
 
@@ -51,6 +63,10 @@ def write_plots(fit: StudyFit, out_dir: Path) -> list[Path]:
                 out_dir / "learning_rate_vs_rank.png",
             )
         )
+    if any(test.surface is not None for test in fit.equivalence):
+        paths.append(_save(alpha_lr_surfaces(fit), out_dir / "alpha_lr_surface.png"))
+    if fit.diagnostics is not None:
+        paths.append(_save(diagnostics_vs_alpha(fit), out_dir / "diagnostics_vs_alpha.png"))
     return paths
 
 
@@ -237,7 +253,8 @@ def optimum_vs_rank(
     ax.set_xlabel("LoRA rank r")
     ax.set_ylabel(f"optimal {axis_label(fit, axis)}")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     verdict = (
         ""
         if all(law.supported for law in fitted) and fitted
@@ -308,3 +325,125 @@ def residuals(laws: Sequence[TestedLaw], symbol: str) -> Figure:
     if fitted:
         ax.legend(fontsize=8)
     return figure
+
+
+def alpha_lr_surfaces(fit: StudyFit) -> Figure:
+    """Per (model, rank): how far the seed-averaged metric is from the fitted optimum over log α × log lr, the
+    fitted full model's contours, its optimum and the line α·lr = const through it (the α·lr hypothesis's ridge)."""
+    tests = _evenly([t for t in fit.equivalence if t.surface is not None], MAX_SURFACES_SHOWN)
+    figure = Figure(figsize=(4.2 * len(tests) + 1.2, 4.4), layout="constrained")
+    axes = figure.subplots(1, len(tests), squeeze=False)[0]
+    top = 100 * CONTOUR_TOLERANCES[-1] * fit.settings.tolerance
+    for ax, test in zip(axes, tests):
+        mesh = _draw_surface(ax, fit, test, top)
+    figure.colorbar(mesh, ax=axes, shrink=0.9, label=f"{fit.results.metric}: % worse than the fitted optimum")
+    shown = "" if len(tests) == len(fit.equivalence) else f" ({len(tests)} of {len(fit.equivalence)} cells)"
+    figure.suptitle(
+        f"{fit.results.metric} over α × learning rate{shown}. White: the fitted surface at "
+        f"{', '.join(f'{k:g}' for k in CONTOUR_TOLERANCES)}× the tolerance above its optimum (★); "
+        "dashed: α·lr = const through it",
+        fontsize=9,
+    )
+    return figure
+
+
+def _draw_surface(ax: Axes, fit: StudyFit, test: AlphaLrEquivalence, top: float) -> QuadMesh:
+    alphas, rates = np.array(test.alphas), np.array(test.learning_rates)
+    sign = -1.0 if fit.results.maximize else 1.0
+    worse = 100 * sign * (test.mean_metric.T - test.best_metric) / abs(test.best_metric)  # rows: learning rates
+    mesh = ax.pcolormesh(_edges(alphas), _edges(rates), np.ma.masked_invalid(worse), cmap="viridis", vmin=0.0, vmax=top)
+    diverged_alpha, diverged_rate = np.nonzero(test.diverged)
+    ax.plot(alphas[diverged_alpha], rates[diverged_rate], "x", color="tab:red", ms=5, ls="none")
+
+    surface = test.surface
+    log_alpha = np.linspace(surface.log2_alphas[0], surface.log2_alphas[-1], 80)
+    log_rate = np.linspace(surface.log2_learning_rates[0], surface.log2_learning_rates[-1], 80)
+    grid_alpha, grid_rate = np.meshgrid(log_alpha, log_rate)
+    objective = surface.objective(grid_alpha, grid_rate)
+    levels = [sign * test.best_metric + k * test.tolerance for k in CONTOUR_TOLERANCES]
+    if np.isfinite(objective).any():
+        ax.contour(2.0**grid_alpha, 2.0**grid_rate, objective, levels=levels, colors="white", linewidths=0.8)
+    product = test.best_alpha * test.best_learning_rate
+    ax.plot(alphas, product / alphas, "--", color="white", lw=1.2)
+    ax.plot([test.best_alpha], [test.best_learning_rate], "*", color="white", mec="k", ms=13)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlim(_edges(alphas)[[0, -1]])
+    ax.set_ylim(_edges(rates)[[0, -1]])
+    _log_axis(ax.xaxis)
+    _log_axis(ax.yaxis)
+    ax.minorticks_off()  # the cells already mark the grid, and minor ticks cost a third of the drawing
+    ax.set_xlabel(axis_label(fit, "alpha"), fontsize=8)
+    ax.set_ylabel("learning rate", fontsize=8)
+    p_value = "" if test.p_value is None else f", F-test p = {test.p_value:.2g}"
+    ax.set_title(f"{test.label()}: {VERDICT_LABELS[test.verdict]}{p_value}", fontsize=9)
+    return mesh
+
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges for pcolormesh on a log axis: geometric midpoints, the outer ones mirrored."""
+    logs = np.log(centres)
+    middle = (logs[1:] + logs[:-1]) / 2
+    return np.exp(np.concatenate([[2 * logs[0] - middle[0]], middle, [2 * logs[-1] - middle[-1]]]))
+
+
+def diagnostics_vs_alpha(fit: StudyFit) -> Figure:
+    """Per model (rows): drift ratio, signal, update norm and spectral ratio against α, one line per rank in the
+    metric figure's colours, at the learning rate that figure shows."""
+    table = fit.diagnostics
+    maximize = fit.results.maximize
+    models = _evenly(
+        sorted(table["model"].unique(), key=lambda m: (np.nan_to_num(_size(fit.alpha_cells, m)), m)),
+        MAX_DIAGNOSTIC_MODELS,
+    )
+    colors = _rank_colors([c.rank for c in fit.alpha_cells])
+    figure = Figure(figsize=(17.0, 3.4 * len(models) + 0.8), layout="constrained")
+    axes = figure.subplots(len(models), len(DIAGNOSTIC_PANELS), squeeze=False)
+    for row, model in zip(axes, models):
+        rows = table[table["model"] == model]
+        fixed = dict(_best_fixed(fit.alpha_cells, model, maximize))
+        if "learning_rate" in fixed:
+            rows = rows[np.isclose(rows["learning_rate"], fixed["learning_rate"])]
+        at = f" (lr = {fixed['learning_rate']:g})" if "learning_rate" in fixed else ""
+        for ax, (quantity, title, reference) in zip(row, DIAGNOSTIC_PANELS):
+            _draw_diagnostic(ax, rows, quantity, colors)
+            if reference is not None:
+                ax.axhline(reference, color="grey", ls=":", lw=1)
+            ax.set_title(f"{model}{at}: {title}", fontsize=9)
+            ax.set_xscale("log", base=2)
+            _log_axis(ax.xaxis)
+            ax.set_xlabel(axis_label(fit, "alpha"), fontsize=8)
+            ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colors[r], marker="o", ms=4, label=f"r = {r}") for r in sorted(colors)]
+    handles += [
+        Line2D([], [], color="k", lw=1.4, label="trial value (steps after 1), mean over seeds"),
+        Line2D([], [], color="k", lw=0.9, ls="--", alpha=0.6, label="first logged step after step 1"),
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=8)
+    figure.suptitle("Training diagnostics against α per rank (definitions in report.md)", fontsize=10)
+    return figure
+
+
+def _draw_diagnostic(ax: Axes, rows: pd.DataFrame, quantity: str, colors: dict[int, tuple]) -> None:
+    early = f"{quantity}_early"
+    drawn = []
+    for rank, line in rows.groupby("rank"):
+        line = line.sort_values("alpha")
+        ax.plot(line["alpha"], line[quantity], "-o", color=colors.get(rank, "k"), ms=3, lw=1.4)
+        drawn.append(line[quantity].to_numpy())
+        if early in line:
+            ax.plot(line["alpha"], line[early], "--", color=colors.get(rank, "k"), lw=0.9, alpha=0.6)
+            drawn.append(line[early].to_numpy())
+    _value_scale(ax, np.concatenate(drawn) if drawn else np.array([]))
+
+
+def _value_scale(ax: Axes, values: np.ndarray) -> None:
+    """Logarithmic when every value is positive (norms span decades with α), else symmetric-logarithmic."""
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return
+    if (values > 0).all():
+        ax.set_yscale("log")
+        return
+    nonzero = np.abs(values[values != 0])
+    ax.set_yscale("symlog", linthresh=float(np.quantile(nonzero, 0.1)) if nonzero.size else 1.0)

@@ -14,6 +14,7 @@ from scaling_lab.analysis.conventions import (
     CONVENTION_EXPONENTS,
     CONVENTION_SYMBOLS,
 )
+from scaling_lab.analysis.equivalence import VERDICT_LABELS, WINDOW_DOUBLINGS
 from scaling_lab.analysis.fit import StudyFit, TestedLaw
 from scaling_lab.analysis.optimum import CellOptimum
 from scaling_lab.analysis.powerlaw import NoLaw, PowerLaw, Prediction
@@ -72,6 +73,11 @@ def format_terminal(fit: StudyFit, written: Sequence[Path] = ()) -> str:
         lines += [
             "  " + line for line in _no_law_summary([t.law for t in fit.learning_rate_laws if isinstance(t.law, NoLaw)])
         ]
+    if fit.equivalence:
+        lines += ["", _equivalence_summary(fit)]
+        lines += ["  " + line for line in _aligned(*_equivalence_rows(fit, MAX_TERMINAL_CELLS))]
+        if len(fit.equivalence) > MAX_TERMINAL_CELLS:
+            lines.append(f"  … {len(fit.equivalence) - MAX_TERMINAL_CELLS} more cells in report.md and law.json")
     warnings = list(fit.warnings)
     if warnings:
         lines += ["", "warnings"] + [f"  ! {w}" for w in warnings]
@@ -286,6 +292,7 @@ def law_document(fit: StudyFit) -> dict:
         "learning_rate_laws": [t.to_dict() for t in fit.learning_rate_laws],
         "cells": [c.to_dict() for c in fit.alpha_cells],
         "learning_rate_cells": [c.to_dict() for c in fit.learning_rate_cells],
+        "alpha_learning_rate_equivalence": _equivalence_document(fit) if fit.equivalence else None,
         "data": {**fit.results.to_dict(), "trials_used": fit.n_trials_used, "cells": len(fit.alpha_cells)},
         "settings": fit.settings.to_dict(),
         "warnings": list(fit.warnings),
@@ -340,7 +347,144 @@ PLOT_CAPTIONS = {
     "alpha_vs_rank.png": "Optimal α against rank on log-log axes with the fitted law and its 95% band; grey lines: the reference rules k = 0, 0.5, 1 (in this convention's terms) through the centre of the data.",
     "residuals.png": "Each optimum relative to its law's prediction, in percent, with 95% error bars. A power law leaves no pattern around 0.",
     "learning_rate_vs_rank.png": "Optimal learning rate against rank at fixed α, with the fitted laws.",
+    "alpha_lr_surface.png": "The metric over α × learning rate per model and rank (at most four cells): colour, how much worse the mean over seeds is than the fitted optimum (★), in percent; red crosses: diverged. White contours: the fitted full model at 1, 4 and 16 times the tolerance above its optimum, where it was fitted; dashed: the line α·lr = const through the optimum. Under the α·lr hypothesis the contours run parallel to it; an α effect of its own closes them across it.",
+    "diagnostics_vs_alpha.png": "Training diagnostics against α, one line per rank (the metric figure's colours), at the learning rate that figure shows. Solid: each trial's value over its diagnostic steps after step 1 (mean signal and update norm; drift ratio = summed drift / summed signal), mean over seeds; dashed: the first logged step after step 1. Spectral ratio: end of training, mean over adapted layers. Dotted: ratio 1.",
 }
+
+
+SECTION_PLOTS = ("alpha_lr_surface.png", "diagnostics_vs_alpha.png")  # shown in their own sections
+
+EQUIVALENCE_TEXT = """\
+**Hypothesis.** At a fixed model and rank the metric is a function of α·lr alone: doubling α and halving the
+learning rate changes nothing. Why it might be: with B initialised to zero and A independent of α, the multiplier
+s on B·A scales B's gradients by s, which Adam's normalisation cancels, so training B at learning rate lr moves s·B
+as training it at s·lr would; at a fixed rank s ∝ α. A (which moves at lr itself), Adam's ε, weight decay and
+gradient clipping see α and lr apart: they can give α an effect of its own, as LoRA-α claims.
+
+**Test.** In u = log₂(α·lr) and v = log₂ α, the ridge model g(u) (a cubic spline in u) is compared with the full
+model g(u) + a·v + b·u·v + c·v², both fitted by least squares to the trials of the finite grid points whose α·lr
+is within {window}× the best measured one's. *F-test*: is any α effect detectable (3 degrees of freedom)?
+*α slope*: the metric's change per doubling of α at fixed α·lr, at the fitted optimum's α·lr. *Ridge spread*:
+along the line α·lr = (α·lr)* through the fitted optimum, over the α range the finite grid covers on it, the
+largest minus the smallest value of the α terms: what choosing α costs once α·lr is right. Intervals (95%): on
+each side the wider of a bootstrap over seeds and the fit's own covariance (which counts lack of fit).
+*Verdict*, an equivalence test on the spread against the near-optimal tolerance ({tolerance:.2%} of the best
+metric): **ridge** when the spread's upper bound is below it, **α effect** when its lower bound is above it,
+otherwise **undecided**. A small F-test p with a ridge verdict is an α effect too small to matter."""
+
+DIAGNOSTICS_TEXT = """\
+Definitions (ours, from `scaling_lab/diagnostics.py`; the LoRA-α paper's exact ones are not public), measured at
+step 1 and every `training.diagnostics_every` steps on a fixed probe batch:
+- **signal** S = −⟨∇L_probe, Δθ⟩: the first-order predicted decrease of the probe loss from one step's update Δθ;
+- **drift** D = (L_probe(θ + Δθ) − L_probe(θ)) + S: how much the actual change falls short of that prediction
+  (½ Δθᵀ H Δθ on a quadratic loss); **drift ratio** D / S: 0 when the step is as good as predicted, 1 when it
+  gains nothing on the probe batch, above 1 when it makes the probe loss worse;
+- **update norm** ‖s·B·A‖_F summed in squares over the adapted layers: how far the adapters have moved the model;
+- **spectral ratio** σ₁(s·B·A) / σ₁(W) per adapted layer at the end of the trial, mean over layers: how large the
+  update is against the frozen weight's top direction (below 1: spectrally suppressed).
+
+Each trial's value is taken over its diagnostic steps after step 1 (at step 1 B is still zero): the mean signal
+and update norm, and the drift ratio as summed drift over summed signal (a mean of per-step ratios explodes where a
+step's signal is near zero); dashed lines show the first logged step after step 1 instead. Then the mean over
+seeds; diverged trials count up to their last finite step. How to read it: LoRA-α's claim is that raising α
+raises the signal without raising the drift ratio, up to the α where the loss jumps; a drift ratio that climbs
+towards 1 as α grows marks where larger steps stop paying."""
+
+
+def _figure(name: str) -> list[str]:
+    caption = PLOT_CAPTIONS.get(name, name)
+    return [f"![{caption}]({name})", "", f"*{caption}*", ""]
+
+
+def format_equivalence(fit: StudyFit) -> str:
+    """The equivalence test alone, for the terminal: data, one row per model and rank, how to read it."""
+    res = fit.results
+    lines = [
+        f"scaling_lab analysis · α and learning rate · {res.source}",
+        f"  {_data_line(fit)}",
+        (
+            f"  metric {res.metric} ({'higher' if res.maximize else 'lower'} is better) · "
+            f"{fit.settings.n_bootstrap} bootstrap resamples, seed {fit.settings.seed}"
+        ),
+        "",
+        _equivalence_summary(fit),
+    ]
+    lines += ["  " + line for line in _aligned(*_equivalence_rows(fit))]
+    lines += [
+        "",
+        "  α slope: metric change per doubling of α at fixed α·lr. Ridge spread: largest minus smallest metric along",
+        "  α·lr = best within the grid. Verdict: ridge if the spread's 95% upper bound is below the tolerance,",
+        "  α effect if its lower bound is above it. Method: report.md of `fit`.",
+    ]
+    return "\n".join(lines)
+
+
+def _equivalence_document(fit: StudyFit) -> dict:
+    return {
+        "hypothesis": "at fixed model and rank the metric is a function of alpha * learning_rate alone",
+        "test": {
+            "ridge_model": "g(u), a cubic spline in u = log2(alpha * learning_rate)",
+            "full_model": "g(u) + a*v + b*u*v + c*v^2 with v = log2(alpha)",
+            "fitted_on": f"finite grid points with alpha * learning_rate within {2**WINDOW_DOUBLINGS:g}x the best measured",
+            "alpha_slope": "metric change per doubling of alpha at fixed alpha * learning_rate, at the optimum's product",
+            "ridge_spread": "max - min of a*v + b*u*v + c*v^2 along alpha * learning_rate = best, within the grid",
+            "verdict": "ridge if the spread's 95% upper bound is below the tolerance, alpha_effect if its lower bound is above it",
+            "tolerance_relative": fit.settings.tolerance,
+        },
+        "cells": [t.to_dict() for t in fit.equivalence],
+    }
+
+
+def _equivalence_summary(fit: StudyFit) -> str:
+    counts: dict[str, int] = {}
+    for test in fit.equivalence:
+        counts[test.verdict] = counts.get(test.verdict, 0) + 1
+    verdicts = "; ".join(f"{VERDICT_LABELS[v]} {n}" for v, n in counts.items())
+    return f"α and learning rate: is the metric a function of α·lr alone? {len(fit.equivalence)} cells: {verdicts}"
+
+
+def _equivalence_rows(fit: StudyFit, most: int | None = None) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "model",
+        "rank",
+        "verdict",
+        "F-test p",
+        "α slope /doubling",
+        "95% CI",
+        "ridge spread",
+        "95% CI",
+        "tolerance",
+        "best α, lr",
+    ]
+    rows = []
+    for test in fit.equivalence[:most]:
+        if test.reason is not None:
+            rows.append([test.model, str(test.rank), f"not tested: {test.reason}"] + ["—"] * (len(header) - 3))
+            continue
+        rows.append(
+            [
+                test.model,
+                str(test.rank),
+                VERDICT_LABELS[test.verdict],
+                "—" if test.p_value is None else f"{test.p_value:.2g}",
+                f"{test.alpha_slope:+.3g}",
+                _interval_text(*test.alpha_slope_ci, digits=3),
+                f"{test.ridge_spread:.3g}",
+                _interval_text(*test.ridge_spread_ci, digits=3),
+                f"{test.tolerance:.3g}",
+                f"{test.best_alpha:.4g}, {test.best_learning_rate:.3g}",
+            ]
+        )
+    return header, rows
+
+
+def _markdown_equivalence(fit: StudyFit, plot_names: Sequence[str]) -> list[str]:
+    text = EQUIVALENCE_TEXT.format(window=f"{2**WINDOW_DOUBLINGS:g}", tolerance=fit.settings.tolerance)
+    lines = ["## α and learning rate: one knob or two?", "", _equivalence_summary(fit) + ".", "", text, ""]
+    lines += _markdown_table(*_equivalence_rows(fit)) + [""]
+    if SECTION_PLOTS[0] in plot_names:
+        lines += _figure(SECTION_PLOTS[0])
+    return lines
 
 
 def format_markdown(fit: StudyFit, plot_names: Sequence[str]) -> str:
@@ -372,7 +516,12 @@ def format_markdown(fit: StudyFit, plot_names: Sequence[str]) -> str:
         lines.append("")
     lines += ["## Plots", ""]
     for name in plot_names:
-        lines += [f"![{PLOT_CAPTIONS.get(name, name)}]({name})", "", f"*{PLOT_CAPTIONS.get(name, name)}*", ""]
+        if name not in SECTION_PLOTS:
+            lines += _figure(name)
+    if fit.equivalence:
+        lines += _markdown_equivalence(fit, plot_names)
+    if SECTION_PLOTS[1] in plot_names:
+        lines += ["## Training diagnostics", "", DIAGNOSTICS_TEXT, ""] + _figure(SECTION_PLOTS[1])
     lines += ["## Optimum per cell", ""] + _markdown_cells(fit, fit.alpha_cells, "α*") + [""]
     if fit.learning_rate_is_axis:
         lines += ["## Learning rate", "", "lr* against rank at each fixed α (in the convention above).", ""]
