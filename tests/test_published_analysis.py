@@ -1,0 +1,26 @@
+"""The published law of the embedded default study (analysis/default/) is what `fit` gives on its results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = ROOT / "analysis/default"
+
+
+def laws(path: Path) -> list[dict]:
+    return [{k: law[k] for k in ("formula", "c", "c_ci95", "k", "k_ci95", "cells_used")}
+            for law in json.loads(path.read_text())["laws"]]
+
+
+def test_published_report_matches_a_fresh_fit(tmp_path):
+    command = [sys.executable, "-m", "scaling_lab.analysis", "fit", "analysis/default/results", "--by", "model",
+               "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert laws(tmp_path / "law.json") == laws(PUBLISHED / "law.json")
+    printed = done.stdout.replace(str(tmp_path), "analysis/default")
+    assert printed == (PUBLISHED / "fit_output.txt").read_text()
+    assert (tmp_path / "report.md").read_text().replace(str(tmp_path), "analysis/default") == (
+        PUBLISHED / "report.md").read_text()
