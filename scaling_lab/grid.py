@@ -66,6 +66,8 @@ class TrialConfig:
         data.pop("resources", None)
         data["model"].pop("resources", None)
         data["model"].pop("num_params", None)
+        # Early stopping only cuts trials that cannot move an optimum: turning it on re-runs nothing.
+        data.get("training", {}).pop("early_stop", None)
         return data
 
     @property

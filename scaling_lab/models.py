@@ -263,19 +263,34 @@ def pretrain_tiny(size: str) -> PreTrainedModel:
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings["warmup_steps"], settings["steps"]))
     model.train()
-    for batch in corpus.split(settings["batch_size"]):
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
+    with _single_threaded():
+        for batch in corpus.split(settings["batch_size"]):
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            schedule.step()
     model.eval()
     return model
+
+
+@contextmanager
+def _single_threaded() -> Iterator[None]:
+    """One intra-op thread: the result cannot depend on a node's core count, and a busy machine cannot stall
+    the matrix products on threads waiting for each other (these models are too small to gain from more)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
     return factor

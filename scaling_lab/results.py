@@ -5,6 +5,10 @@ Layout of a results directory:
     <dir>/trials/<trial_id>.parquet  one row per finished trial (written last: it marks completion)
     <dir>/curves/<trial_id>.parquet  the trial's loss curve, one row per logged step
     <dir>/claims/<trial_id>.json     a running trial's claim (owner, heartbeat); removed when it ends
+    <dir>/checkpoints/<trial_id>/    in-trial checkpoints of a running trial; removed when its row is written
+    <dir>/failed/<trial_id>.<time>.parquet  rows of failed trials set aside by `run --retry-failed`
+
+File names under the directory derive from trial ids (hashes) only, never from strings in a spec.
 
 The directory may also be a URI (s3://bucket/prefix, gs://..., file://...), read and written through pyarrow's
 filesystems, so that trials on any node write where the driver and the analysis read.
@@ -14,8 +18,10 @@ This module imports only pyarrow and pandas so that the analysis can use it with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -25,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "diverged", "oom", "error")
+STATUSES = ("ok", "diverged", "oom", "error", "pruned")  # pruned: stopped early by training.early_stop
 
 TRIAL_SCHEMA = pa.schema(
     [
@@ -112,10 +118,11 @@ CURVE_SCHEMA = pa.schema(
 
 
 TRIALS, CURVES, CLAIMS = "trials", "curves", "claims"
+CHECKPOINTS, FAILED = "checkpoints", "failed"
 
 
 class ResultsError(ValueError):
-    """A results file or directory that cannot be read as study results."""
+    """A results file or directory that cannot be read or written as study results."""
 
 
 class Store:
@@ -154,22 +161,47 @@ class Store:
         return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))
 
     def write(self, relative: str, data: bytes) -> None:
+        """Write a whole file; a failure (disk full, no permission) raises ResultsError and leaves no partial file."""
+        self._put(relative, data, exclusive=False)
+
+    def create_exclusive(self, relative: str, data: bytes) -> bool:
+        """Create a file only if none exists by that name; False if one does.
+
+        Locally this is atomic: a complete temporary file is hard-linked into place, which fails if the name is
+        taken. Object stores can only check, then write: two creators in the same instant may both succeed.
+        """
+        return self._put(relative, data, exclusive=True)
+
+    def _put(self, relative: str, data: bytes, exclusive: bool) -> bool:
         target = self.path(relative)
-        if not self.local:
-            with self.fs.open_output_stream(target) as out:
-                out.write(data)
-            return
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            if not self.local:
+                if exclusive and self.exists(relative):
+                    return False
+                with self.fs.open_output_stream(target) as out:
+                    out.write(data)
+                return True
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if not exclusive:
+                    os.replace(tmp, path)
+                    return True
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            reason = exc.strerror or str(exc).splitlines()[0]
+            raise ResultsError(f"{target}: cannot write ({reason})") from None
 
     def read_bytes(self, relative: str) -> bytes:
         with self.fs.open_input_stream(self.path(relative)) as stream:
@@ -179,13 +211,33 @@ class Store:
         try:
             return pq.read_table(self.path(relative), filesystem=self.fs)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ResultsError(f"{self.path(relative)}: not a readable Parquet file ({exc})") from None
+            reason = str(exc).replace(f"Could not open Parquet input source '{self.path(relative)}': ", "")
+            raise ResultsError(f"{self.path(relative)}: not a readable Parquet file ({reason})") from None
 
     def delete(self, relative: str) -> None:
         try:
             self.fs.delete_file(self.path(relative))
         except FileNotFoundError:
             pass
+
+    def delete_folder(self, relative: str) -> None:
+        try:
+            self.fs.delete_dir(self.path(relative))
+        except FileNotFoundError:
+            pass
+
+    def remove_stale_temporaries(self, older_than_s: float) -> int:
+        """Delete temporaries that writers killed mid-write left behind (hidden, never read); returns how many."""
+        if not self.local:
+            return 0
+        removed = 0
+        for folder in (TRIALS, CURVES, CLAIMS):
+            for tmp in Path(self.path(folder)).glob(".*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - tmp.stat().st_mtime > older_than_s:
+                        tmp.unlink()
+                        removed += 1
+        return removed
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -227,13 +279,31 @@ def completed_ids(root: str | os.PathLike | Store) -> set[str]:
     return {name.removesuffix(".parquet") for name in as_store(root).list(TRIALS, ".parquet")}
 
 
+def set_aside_failed(root: str | os.PathLike | Store, trial_id: str, stamp: str) -> None:
+    """Move a trial's row and curve to failed/<id>.<stamp>[.curve].parquet, so that the trial runs again."""
+    store = as_store(root)
+    for relative, kept in [(f"{TRIALS}/{trial_id}.parquet", f"{FAILED}/{trial_id}.{stamp}.parquet"),
+                           (f"{CURVES}/{trial_id}.parquet", f"{FAILED}/{trial_id}.{stamp}.curve.parquet")]:
+        if store.exists(relative):
+            store.write(kept, store.read_bytes(relative))
+            store.delete(relative)
+
+
 def _check_trial_table(path: str, table: pa.Table) -> pa.Table:
     version = table.column("schema_version")[0].as_py() if "schema_version" in table.column_names else None
     if version != SCHEMA_VERSION:
         raise ResultsError(
             f"{path}: written with results schema version {version}, this scaling_lab reads version {SCHEMA_VERSION}"
         )
-    return table.select(TRIAL_SCHEMA.names).cast(TRIAL_SCHEMA)
+    return _conform(table, TRIAL_SCHEMA)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The table in `schema`; columns added to a schema later read as nulls in files written before."""
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
 
 
 def read_trials(root: str | os.PathLike | Store) -> pa.Table:
@@ -256,8 +326,9 @@ def load(root: str | os.PathLike | Store) -> pd.DataFrame:
 
 def load_curves(root: str | os.PathLike | Store, trial_ids: list[str] | None = None) -> pd.DataFrame:
     store = as_store(root)
-    names = store.list(CURVES, ".parquet") if trial_ids is None else [f"{t}.parquet" for t in trial_ids]
-    tables = [store.read_table(f"{CURVES}/{n}").cast(CURVE_SCHEMA) for n in names if store.exists(f"{CURVES}/{n}")]
+    # curves of finished trials only: a curve without its row was left by an attempt that did not finish
+    names = [f"{t}.parquet" for t in (sorted(completed_ids(store)) if trial_ids is None else trial_ids)]
+    tables = [_conform(store.read_table(f"{CURVES}/{n}"), CURVE_SCHEMA) for n in names if store.exists(f"{CURVES}/{n}")]
     return (pa.concat_tables(tables) if tables else CURVE_SCHEMA.empty_table()).to_pandas()
 
 

@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 import yaml
 
+from scaling_lab.early_stop import EarlyStopSettings
+from scaling_lab.search import SearchSettings
+
 SCALING_RULES = ("standard", "rslora", "fixed")
 MODEL_KINDS = ("causal_lm", "seq_cls")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -153,6 +156,7 @@ class TrainingSettings:
     divergence_factor: float = 1.3  # diverged: loss above this × the initial held-out loss ...
     divergence_patience: int = 3  # ... for this many consecutive steps, or any non-finite loss
     diagnostics_every: int = 20  # norms and Signal-Drift at step 1 and every this many steps; 0 turns them off
+    early_stop: EarlyStopSettings = field(default_factory=EarlyStopSettings)  # scaling_lab/early_stop.py
 
     @property
     def total_steps(self) -> int:
@@ -172,6 +176,7 @@ class TrainingSettings:
         _require(self.diagnostics_every >= 0, f"{path}.diagnostics_every", "an integer >= 0", self.diagnostics_every)
         _require(self.divergence_patience >= 1, f"{path}.divergence_patience", "an integer >= 1",
                  self.divergence_patience)
+        self.early_stop.check(f"{path}.early_stop")
 
 
 @dataclass(frozen=True)
@@ -326,6 +331,7 @@ class StudySpec:
     metric: Literal["eval_loss", "eval_accuracy"] = "eval_loss"
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     execution: Execution = field(default_factory=Execution)
+    search: SearchSettings = field(default_factory=SearchSettings)  # grid or adaptive: scaling_lab/search.py
 
     def results_dir(self, base_dir: Path = Path(".")) -> str:
         """A local path (relative ones resolved against base_dir) or a URI such as s3://bucket/prefix."""
@@ -350,6 +356,7 @@ class StudySpec:
         self.training.check("training")
         self.data.check("data", base_dir)
         self.execution.check("execution")
+        self.search.check("search", self.grid.alpha_values())
         if any(m.kind == "seq_cls" for m in self.models):
             _require(
                 not self.data.is_synthetic and self.data.label_column is not None,

@@ -9,13 +9,14 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from scaling_lab import data as data_lib
-from scaling_lab import diagnostics, models
+from scaling_lab import checkpoint, diagnostics, models
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
 
@@ -101,6 +102,10 @@ def deepspeed_config(config: TrialConfig, world_size: int) -> dict:
     }
     if config.optimizer.grad_clip is not None:
         ds["gradient_clipping"] = config.optimizer.grad_clip
+    if "offload_optimizer" in zero:
+        # Keep the trial's own torch optimizer, so that offloading does not change the update; it steps only
+        # the small LoRA tensors, where DeepSpeed's CPU Adam would save little.
+        ds["zero_force_ds_cpu_optimizer"] = False
     return ds
 
 
@@ -111,10 +116,13 @@ def evaluate(engine, split: dict[str, torch.Tensor], config: TrialConfig, device
     loss_sum = correct = total = 0.0
     engine.eval()
     with torch.no_grad():
-        for start in range(rank * config.training.batch_size, count, world_size * config.training.batch_size):
-            batch = {k: v[start : min(start + config.training.batch_size, count)].to(device) for k, v in split.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"]
+        for start in range(0, count, config.training.batch_size):
+            # Every worker takes a share of every batch, so all run the same forward passes (ZeRO-3 gathers
+            # parameters collectively in each); a worker left without rows scores one fully masked row.
+            rows = torch.arange(start, min(start + config.training.batch_size, count)).tensor_split(world_size)[rank]
+            batch = {k: v[rows if len(rows) else [start]].to(device) for k, v in split.items()}
+            logits = engine(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            labels = batch["labels"] if len(rows) else torch.full_like(batch["labels"], -100)
             if config.model.kind == "causal_lm":
                 logits, labels = logits[:, :-1], labels[:, 1:]
             mask = labels != -100
@@ -135,7 +143,9 @@ def _probe_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         model.train()
 
 
-def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path) -> TrainOutcome:
+def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
+              checkpoints: checkpoint.TrialCheckpoints | None = None,
+              should_stop: Callable[[int, float], bool] | None = None) -> TrainOutcome:
     import deepspeed  # imported here: importing it where no accelerator is set up has crashed some versions
 
     ensure_process_group()
@@ -190,9 +200,10 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path) -> TrainOutc
     probe_batch = {k: v[: config.training.batch_size].to(device) for k, v in task.eval.items()}
     signal_drift = diagnostics.SignalDrift(lambda: _probe_loss(engine.module, probe_batch), trainable)
 
+    start_step = checkpoint.restore_engine(checkpoints, engine, outcome, batches) if checkpoints else 0
     started = time.perf_counter()
     steps_over_limit = 0
-    for step in range(1, total_steps + 1):
+    for step in range(start_step + 1, total_steps + 1):
         batch = {k: v[rank * micro : (rank + 1) * micro].to(device) for k, v in next(batches).items()}
         learning_rate = scheduler.get_last_lr()[0]
         diagnose = diagnostics_every > 0 and (step == 1 or step % diagnostics_every == 0)
@@ -226,7 +237,12 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path) -> TrainOutc
         if not math.isfinite(train_loss) or steps_over_limit >= config.training.divergence_patience:
             outcome.status = "diverged"
             break
-    outcome.train_time_s = time.perf_counter() - started
+        if should_stop is not None and "eval_loss" in point and should_stop(step, point["eval_loss"]):
+            outcome.status = "pruned"  # stopped early: scaling_lab/early_stop.py
+            break
+        if checkpoints and steps_over_limit == 0:  # a checkpoint resumes with no steps over the limit
+            checkpoint.save_engine(checkpoints, step, engine, outcome)
+    outcome.train_time_s += time.perf_counter() - started
     if device.type == "cuda":
         outcome.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
     if diagnostics_every:

@@ -6,20 +6,27 @@ every trial still runs the same training function from a fresh model, seeded by 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import re
 import resource
 import socket
 import traceback
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
-from scaling_lab import results
+from scaling_lab import checkpoint, claims, results
+from scaling_lab.early_stop_hook import pruning_rule
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
+from scaling_lab.spec import FaultInjection, build
 
 PROVENANCE_PACKAGES = ["scaling_lab", "torch", "transformers", "peft", "deepspeed", "ray", "pyarrow"]
 MAX_ERROR_CHARS = 4000
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY", re.IGNORECASE)
 
 
 def _now() -> dt.datetime:
@@ -45,34 +52,31 @@ def _device() -> str:
     return f"cpu:{os.cpu_count()} cores"
 
 
-def _claim(store: results.Store, trial_id: str) -> int:
-    """Mark the trial as running; returns the attempt number (one more than a crashed earlier claim's)."""
-    relative = f"{results.CLAIMS}/{trial_id}.json"
-    attempt = 1
-    if store.exists(relative):
-        try:
-            attempt = json.loads(store.read_bytes(relative)).get("attempt", 0) + 1
-        except (OSError, ValueError):
-            attempt = 2
-    claim = {"attempt": attempt, "owner": f"{socket.gethostname()}:{os.getpid()}", "started_at": _now().isoformat()}
-    store.write(relative, json.dumps(claim).encode())
-    return attempt
+def scrub_secrets(text: str) -> str:
+    """`text` with the values of secret-looking environment variables (tokens, keys, passwords) replaced."""
+    for name, value in os.environ.items():
+        if len(value) >= 8 and SECRET_NAME.search(name):
+            text = text.replace(value, f"<{name}>")
+    return text
 
 
-def execute(config: TrialConfig, backend: str, cache_dir: Path, base_dir: Path, step_time_s: float) -> TrainOutcome:
+def execute(config: TrialConfig, backend: str, cache_dir: Path, base_dir: Path, step_time_s: float, *,
+            attempt: int = 1, faults: tuple[FaultInjection, ...] = (),
+            checkpoints: checkpoint.TrialCheckpoints | None = None,
+            should_stop: Callable[[int, float], bool] | None = None) -> TrainOutcome:
     """Run one fine-tune; any exception becomes an outcome with status error or oom."""
     try:
         if backend == "simulated":
             from scaling_lab.simulated import simulate
 
-            return simulate(config, step_time_s)
+            return simulate(config, step_time_s, faults, attempt, checkpoints, should_stop=should_stop)
         from scaling_lab.train import fine_tune
 
-        return fine_tune(config, cache_dir, base_dir)
+        return fine_tune(config, cache_dir, base_dir, checkpoints, should_stop)
     except Exception as exc:  # a failed trial is data, not a crash of the study
         oom = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
         text = "".join(traceback.format_exception_only(exc)).strip() + "\n" + traceback.format_exc()
-        return TrainOutcome(status="oom" if oom else "error", error=text[-MAX_ERROR_CHARS:])
+        return TrainOutcome(status="oom" if oom else "error", error=scrub_secrets(text[-MAX_ERROR_CHARS:]))
 
 
 def result_row(config: TrialConfig, outcome: TrainOutcome, *, study: str, attempt: int, num_workers: int,
@@ -136,7 +140,8 @@ def run_group(group: dict) -> None:
     """Run a group of trials in order, skipping finished ones; every worker of the group calls this.
 
     `group` holds plain data: trials (config dicts), results_dir, cache_dir, base_dir, backend, study,
-    git_commit, step_time_s.
+    git_commit, step_time_s, and optionally run_id, claim_timeout_s, checkpoint_every, inject_faults.
+    A trial that another driver's worker is running is skipped (see scaling_lab/claims.py).
     """
     if group["backend"] == "simulated":
         rank, world_size = 0, 1
@@ -147,30 +152,60 @@ def run_group(group: dict) -> None:
     store = results.Store(group["results_dir"])
     cache_dir, base_dir = Path(group["cache_dir"]), Path(group["base_dir"])
     device = "simulated" if group["backend"] == "simulated" else _device()
+    run_id = group.get("run_id") or uuid.uuid4().hex
+    claim_timeout_s = group.get("claim_timeout_s", claims.DEFAULT_TIMEOUT_S)
+    faults = tuple(build(FaultInjection, fault) for fault in group.get("inject_faults", ()))
     for trial_dict in group["trials"]:
         config = TrialConfig.from_dict(trial_dict)
-        if _agreed_done(store, config.trial_id, world_size):
+        claim = _claim(store, config.trial_id, run_id, claim_timeout_s) if rank == 0 else None
+        attempt = _agreed_attempt(claim, world_size)
+        if not attempt:
             continue
+        every = group.get("checkpoint_every")
+        trial_checkpoints = checkpoint.TrialCheckpoints(store, config.trial_id, every, rank) if every else None
         started_at = _now()
-        attempt = _claim(store, config.trial_id) if rank == 0 else 0
-        outcome = execute(config, group["backend"], cache_dir, base_dir, group.get("step_time_s", 0.0))
+        try:
+            with claim.heartbeat() if claim else contextlib.nullcontext():
+                outcome = execute(config, group["backend"], cache_dir, base_dir, group.get("step_time_s", 0.0),
+                                  attempt=attempt, faults=faults, checkpoints=trial_checkpoints,
+                                  should_stop=pruning_rule(store, config, rank, world_size))
+                if rank == 0:
+                    row = result_row(config, outcome, study=group["study"], attempt=attempt, num_workers=world_size,
+                                     started_at=started_at, git_commit=group.get("git_commit"), device=device)
+                    results.write_trial(store, row, outcome.curve)
+        except BaseException:
+            if claim:
+                with contextlib.suppress(results.ResultsError):
+                    claim.abandon()  # the next attempt need not wait for the claim to time out
+            raise
         if rank == 0:
-            row = result_row(config, outcome, study=group["study"], attempt=attempt, num_workers=world_size,
-                             started_at=started_at, git_commit=group.get("git_commit"), device=device)
-            results.write_trial(store, row, outcome.curve)
-            store.delete(f"{results.CLAIMS}/{config.trial_id}.json")
+            if trial_checkpoints:
+                trial_checkpoints.delete()
+            claim.release()
 
 
-def _agreed_done(store: results.Store, trial_id: str, world_size: int) -> bool:
-    """Whether the trial is finished, as seen by worker 0, so that all workers skip or run it together."""
-    done = store.exists(f"{results.TRIALS}/{trial_id}.parquet")
+def _claim(store: results.Store, trial_id: str, run_id: str, timeout_s: float) -> claims.Claim | None:
+    """Claim the trial, unless it is finished or another driver's worker runs it."""
+    row = f"{results.TRIALS}/{trial_id}.parquet"
+    if store.exists(row):
+        return None
+    claim = claims.acquire(store, trial_id, run_id, timeout_s)
+    if claim is not None and store.exists(row):  # its previous owner finished it in between
+        claim.release()
+        return None
+    return claim
+
+
+def _agreed_attempt(claim: claims.Claim | None, world_size: int) -> int:
+    """Worker 0's attempt number for the trial, 0 to skip it, so that all workers skip or run it together."""
+    attempt = claim.attempt if claim else 0
     if world_size > 1:
         import torch.distributed as dist
 
-        decision = [done]
+        decision = [attempt]
         dist.broadcast_object_list(decision, src=0)
-        done = decision[0]
-    return done
+        attempt = decision[0]
+    return attempt
 
 
 def train_worker_loop(group: dict) -> None:

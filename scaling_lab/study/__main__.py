@@ -1,4 +1,4 @@
-"""python -m scaling_lab.study plan|run|resume|status: run a study spec as a grid of LoRA fine-tunes."""
+"""python -m scaling_lab.study plan|run|resume|status|submit: run a study spec as a grid of LoRA fine-tunes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from scaling_lab import results, spec as spec_lib
+from scaling_lab import claims, results, spec as spec_lib
 from scaling_lab.study import plan as plan_lib
 from scaling_lab.study import progress
+from scaling_lab.study.adaptive import search_note, study_trial_ids
+from scaling_lab.study.submit import cmd_submit
 
 DEFAULT_SPEC = "studies/default.yaml"
 
@@ -34,8 +36,7 @@ def cmd_plan(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from scaling_lab.grid import expand
-    from scaling_lab.study.runner import RunOptions, run
+    from scaling_lab.study.runner import GroupsFailed, RunOptions, run
 
     spec = _load(args)
     options = RunOptions(
@@ -43,26 +44,38 @@ def cmd_run(args) -> None:
         address=args.address,
         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         verbose=args.verbose,
+        retry_failed=args.retry_failed,
     )
+    results_dir = spec.results_dir(options.base_dir)
     try:
         run(spec, options)
-    finally:
-        print(progress.summary(spec.results_dir(options.base_dir), [t.trial_id for t in expand(spec)]))
+    except GroupsFailed:
+        print(progress.summary(results_dir, study_trial_ids(spec, results_dir)))
+        raise
+    print(progress.summary(results_dir, study_trial_ids(spec, results_dir)))
 
 
 def cmd_status(args) -> None:
-    from scaling_lab.grid import expand
-
     store = results.Store(args.results)
     if not store.exists("spec.yaml"):
         raise results.ResultsError(f"{store}: no spec.yaml, so not a study results directory")
-    spec = spec_lib.build(spec_lib.StudySpec, yaml.safe_load(store.read_bytes("spec.yaml")))
+    try:
+        spec = spec_lib.build(spec_lib.StudySpec, yaml.safe_load(store.read_bytes("spec.yaml")))
+    except (spec_lib.SpecError, yaml.YAMLError) as exc:
+        raise spec_lib.SpecError(f"{store.path('spec.yaml')}: {str(exc).splitlines()[0]}") from None
     results_dir = args.results
-    trial_ids = [t.trial_id for t in expand(spec)]
-    print(f"study {spec.name!r}: " + progress.snapshot(results_dir, trial_ids).line())
+    trial_ids = study_trial_ids(spec, results_dir)
+    print(f"study {spec.name!r}: " + progress.snapshot(results_dir, trial_ids).line() + search_note(spec))
+    outside = len(results.completed_ids(store) - set(trial_ids))
+    if outside:
+        print(f"  {outside} finished trials are not in the current grid (their rows are kept)")
+    set_aside = [n for n in store.list(results.FAILED, ".parquet") if not n.endswith(".curve.parquet")]
+    if set_aside:
+        print(f"  {len(set_aside)} rows of earlier failed attempts are kept in {store.path(results.FAILED)}")
     for claim in progress.claims(results_dir):
-        print(f"  running {claim['trial_id']} (attempt {claim.get('attempt')}, {claim.get('owner')}, "
-              f"since {claim.get('started_at')})")
+        state = "stale (the next run takes it over)" if claims.is_stale(claim) else "running"
+        print(f"  {state} {claim['trial_id']} (attempt {claim.get('attempt')}, {claim.get('host')} pid "
+              f"{claim.get('pid')}, since {claim.get('started_at')})")
     for _, row in progress.failures(results_dir).iterrows():
         reason = (row["error"] or "").strip().splitlines()
         print(f"  {row['status']} {row['trial_id']} model={row['model']} r={row['rank']} α={row['alpha']:.4g}: "
@@ -86,9 +99,19 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
             sub.add_argument("--cache-dir", default=None, help="model cache (default: the spec's cache_dir)")
             sub.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
+            sub.add_argument("--retry-failed", action="store_true",
+                             help="run failed trials (error, oom) again; their rows are moved to failed/")
     status = commands.add_parser("status", help="done / running / failed / left of a results directory")
     status.add_argument("results")
     status.set_defaults(func=cmd_status)
+    submit = commands.add_parser("submit", help="run a study on a Ray cluster as a Ray job; prints the job id")
+    submit.add_argument("spec", help="study spec YAML, inside the working directory")
+    submit.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field (repeatable); passed on to the job's `run`")
+    submit.add_argument("--address", default=None,
+                        help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--working-dir", default=".", help="the directory uploaded to the cluster (default: .)")
+    submit.set_defaults(func=cmd_submit)
     args = parser.parse_args(argv)
     from scaling_lab.data import DataError
     from scaling_lab.study.runner import GroupsFailed

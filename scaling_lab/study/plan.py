@@ -7,6 +7,7 @@ from pathlib import Path
 from scaling_lab import results
 from scaling_lab.grid import expand
 from scaling_lab.spec import ModelSpec, StudySpec
+from scaling_lab.study.adaptive import plan_line
 
 # Stated throughput assumptions for the cost estimate: LoRA training costs about 4·N FLOPs per token
 # (forward 2N, backward through frozen weights 2N, no weight gradients for them).
@@ -58,6 +59,8 @@ def describe(spec: StudySpec, base_dir: Path) -> str:
         f"  execution: {spec.execution.backend}, {spec.execution.resources.workers} worker(s) per trial, "
         f"ZeRO-{spec.deepspeed.zero_stage} {spec.deepspeed.precision}",
     ]
+    if spec.search.method == "adaptive":
+        lines.insert(1, plan_line(spec))
     tokens_per_trial = spec.training.total_steps * spec.training.batch_size * spec.training.seq_len
     flops = 0.0
     for model in spec.models:

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import hashlib
+import itertools
 import json
 import math
 import os
 import subprocess
+import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaling_lab import results, spec as spec_lib
+import yaml
+
+from scaling_lab import claims, results, spec as spec_lib
 from scaling_lab.grid import TrialConfig, expand
 from scaling_lab.spec import Resources, StudySpec, to_dict
 from scaling_lab.study import progress
+from scaling_lab.study.ray_storage import ray_storage
 
 GROUP_DRIVER_MEMORY = 32 * 2**20  # what a Tune trial that only starts a TorchTrainer reserves, instead of a CPU
+WAIT_POLL_S = 2.0  # how often a driver looks again at trials that another driver is running
 
 
 class GroupsFailed(RuntimeError):
@@ -30,6 +39,7 @@ class RunOptions:
     cache_dir: Path | None = None
     step_time_s: float = 0.0
     verbose: bool = False
+    retry_failed: bool = False
 
 
 def git_commit(base_dir: Path) -> str | None:
@@ -71,7 +81,8 @@ def concurrency(spec: StudySpec, cluster: dict[str, float]) -> int:
     return max(1, max(fits))
 
 
-def _group_dict(spec: StudySpec, group: list[TrialConfig], options: RunOptions, results_dir: str, commit) -> dict:
+def _group_dict(spec: StudySpec, group: list[TrialConfig], options: RunOptions, results_dir: str, commit,
+                run_id: str) -> dict:
     return {
         "trials": [t.to_dict() for t in group],
         "results_dir": str(results_dir),
@@ -80,9 +91,13 @@ def _group_dict(spec: StudySpec, group: list[TrialConfig], options: RunOptions, 
         "backend": spec.execution.backend,
         "study": spec.name,
         "git_commit": commit,
-        "step_time_s": options.step_time_s,
+        "step_time_s": options.step_time_s or spec.execution.simulated_step_time_s,
         "cpus_per_worker": group[0].resources.cpus_per_worker,
         "max_retries": spec.execution.max_retries,
+        "run_id": run_id,
+        "claim_timeout_s": spec.execution.claim_timeout_s,
+        "checkpoint_every": spec.execution.checkpoint_every,
+        "inject_faults": to_dict(spec.execution.inject_faults),
     }
 
 
@@ -116,7 +131,7 @@ def run_group_trainable(config: dict) -> dict:
         ),
         run_config=RunConfig(
             name=f"group-{hashlib.sha256(ids.encode()).hexdigest()[:16]}",
-            storage_path=f"{results.Store(group['results_dir']).uri}/ray",
+            **ray_storage(results.Store(group["results_dir"])),
             failure_config=FailureConfig(max_failures=group["max_retries"]),
         ),
     ).fit()
@@ -132,18 +147,93 @@ def _group_request(config: dict):
     return tune.PlacementGroupFactory([{"memory": GROUP_DRIVER_MEMORY}])
 
 
+def _tune_dirname(trial) -> str:
+    """Tune's own id: Tune would otherwise name the folder after the group's values, strings from the spec."""
+    return trial.trial_id
+
+
 def pending_trials(spec: StudySpec, results_dir: str) -> tuple[list[TrialConfig], list[TrialConfig]]:
     trials = expand(spec)
     done = results.completed_ids(results_dir)
     return trials, [t for t in trials if t.trial_id not in done]
 
 
+def changed_fields(old, new, path: str = "") -> list[str]:
+    """Dotted paths of the fields that differ between two plain spec mappings."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [path]
+    return [changed for key in sorted(set(old) | set(new), key=str)
+            for changed in changed_fields(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))]
+
+
+def check_results_dir(spec: StudySpec, store: results.Store) -> list[str]:
+    """Refuse, before any compute, a results directory this study must not add to: another study's, or one
+    holding rows that cannot be read (corrupt, or another results schema). Returns the spec fields changed
+    since the last run there."""
+    changed = []
+    if store.exists("spec.yaml"):
+        try:
+            previous = yaml.safe_load(store.read_bytes("spec.yaml"))
+        except yaml.YAMLError:
+            previous = None
+        if not isinstance(previous, dict):
+            raise results.ResultsError(f"{store.path('spec.yaml')}: not a study spec; move it away or choose "
+                                       f"another output_dir")
+        with contextlib.suppress(spec_lib.SpecError):  # with today's defaults, so that new settings read as unchanged
+            previous = to_dict(spec_lib.build(StudySpec, previous))
+        if previous.get("name") != spec.name:
+            raise results.ResultsError(f"{store}: holds the results of study {previous.get('name')!r}, not "
+                                       f"{spec.name!r}; choose another output_dir")
+        changed = changed_fields(previous, to_dict(spec))
+    try:
+        results.read_trials(store)
+    except results.ResultsError as exc:
+        raise results.ResultsError(f"{exc}; nothing was run: move or delete that file (its trial then runs again) "
+                                   f"or choose another output_dir") from None
+    return changed
+
+
+def set_aside_failures(spec: StudySpec, store: results.Store) -> list[str]:
+    """Move the rows of the grid's failed trials (error, oom) to failed/, so that they run again."""
+    wanted = {t.trial_id for t in expand(spec)}
+    rows = results.read_trials(store).select(["trial_id", "status"]).to_pylist()
+    failed = [r["trial_id"] for r in rows if r["status"] in ("error", "oom") and r["trial_id"] in wanted]
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for trial_id in failed:
+        results.set_aside_failed(store, trial_id, stamp)
+    return failed
+
+
+def _write_problem(store: results.Store) -> str | None:
+    """Why nothing can be written to the results directory now (a full disk, say), or None if it can."""
+    try:
+        store.write(".write-probe", b"probe")  # some bytes: an empty file needs no free space
+    except results.ResultsError as exc:
+        return str(exc)
+    store.delete(".write-probe")
+    return None
+
+
 def run(spec: StudySpec, options: RunOptions) -> str:
-    """Run every unfinished trial of the study; finished trials (by content hash) are never run again."""
+    """Run every unfinished trial of the study; finished trials (by content hash) are never run again, and
+    trials that another driver is running are waited for, not run twice."""
     results_dir = spec.results_dir(options.base_dir)
-    trials, todo = pending_trials(spec, results_dir)
     store = results.Store(results_dir)
+    changed = check_results_dir(spec, store)
+    if options.retry_failed:
+        retried = set_aside_failures(spec, store)
+        print(f"{len(retried)} failed trials to run again; their rows are kept in {store.path(results.FAILED)}")
+    trials, todo = pending_trials(spec, results_dir)
+    if changed:
+        outside = len(results.completed_ids(store) - {t.trial_id for t in trials})
+        print(f"the spec changed since the last run in {results_dir}: {', '.join(changed)}; finished rows are kept "
+              f"({outside} not in the current grid); {len(todo)} of {len(trials)} trials to run")
     store.write("spec.yaml", spec_lib.dump(spec).encode())
+    store.remove_stale_temporaries(older_than_s=spec.execution.claim_timeout_s)
+    if spec.search.method == "adaptive":  # α chosen as results come in: scaling_lab/study/searcher.py
+        from scaling_lab.study.searcher import run_adaptive
+
+        return run_adaptive(spec, options, results_dir)
     if not todo:
         print(f"all {len(trials)} trials of {spec.name!r} are finished in {results_dir}; nothing to run")
         return results_dir
@@ -152,31 +242,56 @@ def run(spec: StudySpec, options: RunOptions) -> str:
     from ray import tune
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ray.init(address=options.address, log_to_driver=options.verbose, include_dashboard=False,
-             configure_logging=False)
+    # "local" starts a fresh instance: left to itself, ray.init joins any cluster last started on this machine
+    ray.init(address=options.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=options.verbose,
+             include_dashboard=False, configure_logging=False)
+    run_id = uuid.uuid4().hex
     try:
         slots = concurrency(spec, ray.cluster_resources())
-        groups = group_trials(todo, spec.execution.trials_per_group, slots)
         commit = git_commit(options.base_dir)
-        group_dicts = [_group_dict(spec, g, options, results_dir, commit) for g in groups]
         with progress.LiveProgress(results_dir, [t.trial_id for t in trials], slots) as live:
-            live.note(f"{len(todo)} of {len(trials)} trials to run in {len(groups)} groups, {slots} at a time")
-            tuner = tune.Tuner(
-                tune.with_resources(run_group_trainable, _group_request),
-                param_space={"group": tune.grid_search(group_dicts)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=slots),
-                run_config=tune.RunConfig(
-                    name="tune",
-                    storage_path=f"{store.uri}/ray",
-                    failure_config=tune.FailureConfig(max_failures=spec.execution.max_retries),
-                    verbose=0,
-                ),
-            )
-            outcome = tuner.fit()
-        failed_groups = [r.error for r in outcome if r.error is not None]
-        if failed_groups:
-            raise GroupsFailed(f"{len(failed_groups)} of {len(groups)} trial groups failed after retries; "
-                               f"first error: {str(failed_groups[0]).strip().splitlines()[-1]}")
+            # Rounds: run the free trials; wait for those another driver runs, and run any it abandons.
+            left_after_last_round = elsewhere_noted = None
+            for round_number in itertools.count():
+                todo = pending_trials(spec, results_dir)[1]
+                if not todo:
+                    break
+                elsewhere = set(claims.held_elsewhere(store, [t.trial_id for t in todo], run_id))
+                if elsewhere and len(elsewhere) != elsewhere_noted:
+                    live.note(f"{len(elsewhere)} trials are running elsewhere (claimed by another driver); "
+                              f"waiting for them")
+                    elsewhere_noted = len(elsewhere)
+                runnable = [t for t in todo if t.trial_id not in elsewhere]
+                if not runnable or len(todo) == left_after_last_round:  # the last round's were all taken meanwhile
+                    time.sleep(WAIT_POLL_S)
+                    left_after_last_round = None
+                    continue
+                groups = group_trials(runnable, spec.execution.trials_per_group, slots)
+                group_dicts = [_group_dict(spec, g, options, results_dir, commit, run_id) for g in groups]
+                live.note(f"{len(runnable)} of {len(trials)} trials to run in {len(groups)} groups, {slots} at a time")
+                tuner = tune.Tuner(
+                    tune.with_resources(run_group_trainable, _group_request),
+                    param_space={"group": tune.grid_search(group_dicts)},
+                    tune_config=tune.TuneConfig(max_concurrent_trials=slots, trial_dirname_creator=_tune_dirname),
+                    run_config=tune.RunConfig(
+                        name=f"tune-{run_id[:12]}-{round_number}",
+                        **ray_storage(store),
+                        failure_config=tune.FailureConfig(max_failures=spec.execution.max_retries),
+                        verbose=0,
+                    ),
+                )
+                try:
+                    outcome = tuner.fit()
+                except Exception:
+                    problem = _write_problem(store)  # a full disk makes Tune fail in obscure ways: name the cause
+                    if problem:
+                        raise GroupsFailed(f"{problem}; the study stopped: run it again once there is room") from None
+                    raise
+                failed_groups = [r.error for r in outcome if r.error is not None]
+                if failed_groups:
+                    raise GroupsFailed(f"{len(failed_groups)} of {len(groups)} trial groups failed after retries; "
+                                       f"first error: {str(failed_groups[0]).strip().splitlines()[-1]}")
+                left_after_last_round = len(todo)
     finally:
         ray.shutdown()
     return results_dir

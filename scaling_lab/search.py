@@ -1,0 +1,244 @@
+"""Law-guided adaptive search for the best α of every cell, as pure functions: measured points in, next α out.
+
+Work is in log2 α ("octaves"). A cell's optimum is bracketed (a measured point with a worse one on each side, or
+the α bound), then narrowed by parabolic steps, each with confirmation points one `resolution` to either side;
+a cell is done when its best α has measured neighbours within `resolution` on both sides, which is the local
+grid spacing the analysis's parabola refinement sees (scaling_lab/analysis/optimum.py), or when the best α is
+the bound itself. Within a law group (one model, scaling rule and learning rate) the smallest and largest ranks
+are searched first from a coarse design across the α range; every other rank starts from the power law fitted to
+the optima found so far (an interpolation), usually needing only its best α and the two confirmation points.
+
+Proposed α values lie on a lattice of resolution/4 octaves anchored at the lower bound, so that a search repeated
+on the same results proposes the same α values (and so the same trial ids).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+LATTICE_PER_RESOLUTION = 4
+GOLDEN = 0.381966  # golden-section fraction of a gap, for steps where no parabola can be trusted
+EXPONENT_RANGE = 1.0  # with one optimum known, the law's exponent is assumed to lie within ±this
+SAME_POINT = 1e-3  # octaves: α values closer than this are the same point
+
+Points = Mapping[float, float]  # α → seed-averaged objective to minimize (+inf: diverged, pruned or unusable)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """`search:` in the spec. grid: every α of grid.alphas at every rank; adaptive: α chosen as results come in,
+    between the smallest and largest of grid.alphas."""
+
+    method: Literal["grid", "adaptive"] = "grid"
+    resolution: float = 1.0  # octaves: a cell is done when its best α has neighbours this close on both sides
+    initial_points: int = 5  # the coarse design across the α range for a cell with no law to start from
+    max_points: int = 12  # α values per cell at most
+
+    def check(self, path: str, alphas: tuple[float, ...]) -> None:
+        from scaling_lab.spec import SpecError  # spec.py imports this module
+
+        if not (self.resolution > 0 and math.isfinite(self.resolution)):
+            raise SpecError(f"{path}.resolution: expected a number of octaves > 0, got {self.resolution!r}")
+        if self.initial_points < 3:
+            raise SpecError(f"{path}.initial_points: expected an integer >= 3, got {self.initial_points!r}")
+        if self.max_points < self.initial_points + 2:
+            raise SpecError(
+                f"{path}.max_points: expected an integer >= initial_points + 2 ({self.initial_points + 2}), "
+                f"got {self.max_points!r}"
+            )
+        span = math.log2(max(alphas) / min(alphas))
+        if self.method == "adaptive" and span < 2 * self.resolution:
+            raise SpecError(
+                f"grid.alphas: an adaptive search needs a range of at least twice its resolution "
+                f"({2 * self.resolution:g} octaves, a factor {2 ** (2 * self.resolution):g}), got {span:g} octaves"
+            )
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a new cell's search begins: the law's predicted log2 α* and how far off it may be (octaves)."""
+
+    centre: float
+    half_width: float
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """The α values the search may propose, in octaves between the bounds."""
+
+    low: float
+    high: float
+    step: float
+
+    @classmethod
+    def between(cls, alpha_min: float, alpha_max: float, resolution: float) -> Lattice:
+        return cls(math.log2(alpha_min), math.log2(alpha_max), resolution / LATTICE_PER_RESOLUTION)
+
+    def snap(self, x: float) -> float:
+        return float(np.clip(self.low + round((x - self.low) / self.step) * self.step, self.low, self.high))
+
+    def alpha(self, x: float) -> float:
+        return float(f"{2.0**x:.6g}")
+
+
+def next_alphas(points: Points, lattice: Lattice, settings: SearchSettings, start: Start | None = None) -> list[float]:
+    """The α values to measure next in one cell; an empty list when the cell is done."""
+    if not points:
+        return _new_alphas(_initial_design(lattice, settings, start), [], lattice)
+    if len(points) >= settings.max_points:
+        return []
+    measured = sorted((math.log2(alpha), value) for alpha, value in points.items())
+    xs = np.array([x for x, _ in measured])
+    ys = np.array([y for _, y in measured])
+    return _new_alphas(_proposals(xs, ys, lattice, settings.resolution), xs, lattice)
+
+
+def _initial_design(lattice: Lattice, settings: SearchSettings, start: Start | None) -> list[float]:
+    coarse = list(np.linspace(lattice.low, lattice.high, settings.initial_points))
+    if start is None:
+        return coarse
+    half = math.ceil(max(start.half_width, settings.resolution) / lattice.step - 1e-9) * lattice.step
+    if 2 * half >= coarse[1] - coarse[0]:
+        return coarse
+    centre = lattice.snap(float(np.clip(start.centre, lattice.low + half, lattice.high - half)))
+    return [centre - half, centre, centre + half]
+
+
+def _proposals(xs: np.ndarray, ys: np.ndarray, lattice: Lattice, resolution: float) -> list[float]:
+    last = len(xs) - 1
+    span = xs[-1] - xs[0]
+    if not np.isfinite(ys).any():  # every point diverged: the optimum lies below them all
+        return [xs[0] - max(2 * resolution, span)] if xs[0] > lattice.low + SAME_POINT else []
+    best = int(np.argmin(ys))
+    if best == 0 and xs[0] > lattice.low + SAME_POINT:
+        return [xs[0] - max(2 * resolution, span)]
+    if best == last and xs[-1] < lattice.high - SAME_POINT:
+        return [xs[-1] + max(2 * resolution, span)]
+
+    sides = [side for side in (-1, 1) if 0 <= best + side <= last]  # one side only when the best is a bound
+    gaps = {side: abs(xs[best + side] - xs[best]) for side in sides}
+    wide = [side for side in sides if gaps[side] > resolution + SAME_POINT]
+    if not wide:
+        return []
+    vertex = _vertex(xs[best - 1 : best + 2], ys[best - 1 : best + 2]) if len(sides) == 2 else None
+    if vertex is not None and abs(vertex - xs[best]) > resolution / 2:
+        # the parabola moves the optimum: measure its vertex with a confirmation point to either side
+        around = (vertex + k * resolution for k in (-1, 0, 1))
+        cluster = [x for x in around if xs[best - 1] < x < xs[best + 1] and _far_from(x, xs, resolution / 2)]
+        if cluster:
+            return cluster
+    # the best point stands: confirm it on each side still too far away, one resolution out (or halfway); where
+    # no parabola can be trusted (a neighbour diverged, or the points do not curve upwards), by golden section
+    steps = {side: min(resolution, gaps[side] / 2) for side in wide}
+    if vertex is None:
+        steps = {side: max(step, GOLDEN * gaps[side]) for side, step in steps.items()}
+    return [xs[best] + side * step for side, step in steps.items()]
+
+
+def _vertex(xs: np.ndarray, ys: np.ndarray) -> float | None:
+    """The minimum of the parabola through three points, or None when they do not curve upwards."""
+    if not np.isfinite(ys).all():
+        return None
+    (x0, x1, x2), (y0, y1, y2) = xs, ys
+    denominator = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    curvature = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denominator
+    if not curvature > 0:
+        return None
+    slope = (x2**2 * (y0 - y1) + x1**2 * (y2 - y0) + x0**2 * (y1 - y2)) / denominator
+    return float(-slope / (2 * curvature))
+
+
+def _far_from(x: float, xs, distance: float) -> bool:
+    return all(abs(x - other) >= distance for other in xs)
+
+
+def _new_alphas(xs: list[float], measured, lattice: Lattice) -> list[float]:
+    """Snapped to the lattice, without repeats and without points already measured; as α values, ascending."""
+    kept: list[float] = []
+    for x in sorted(lattice.snap(x) for x in xs):
+        if _far_from(x, [*measured, *kept], SAME_POINT):
+            kept.append(x)
+    return [lattice.alpha(x) for x in kept]
+
+
+def cell_optimum(points: Points) -> float | None:
+    """log2 α* of a cell as the analysis finds it: the best point, refined by the parabola through it and its two
+    neighbours when both are finite; None when the best point is the lowest or highest measured α (unbracketed)."""
+    measured = sorted((math.log2(alpha), value) for alpha, value in points.items())
+    xs = np.array([x for x, _ in measured])
+    ys = np.array([y for _, y in measured])
+    if not np.isfinite(ys).any():
+        return None
+    best = int(np.argmin(ys))
+    if best in (0, len(xs) - 1):
+        return None
+    vertex = _vertex(xs[best - 1 : best + 2], ys[best - 1 : best + 2])
+    return vertex if vertex is not None else float(xs[best])
+
+
+def law_start(optima: Mapping[int, float], rank: int, resolution: float) -> Start | None:
+    """Where to start `rank` from the optima (rank → log2 α*) already found: a least-squares line in log-log space,
+    with a half-width of two standard errors of its prediction (at least one resolution)."""
+    if not optima:
+        return None
+    u = math.log2(rank)
+    known_u = np.log2(np.array(list(optima), dtype=float))
+    known_x = np.array(list(optima.values()))
+    if len(optima) == 1:
+        return Start(float(known_x[0]), EXPONENT_RANGE * abs(u - known_u[0]) + resolution)
+    slope, intercept = np.polyfit(known_u, known_x, 1)
+    n = len(optima)
+    residual_sd = math.sqrt(np.sum((known_x - intercept - slope * known_u) ** 2) / (n - 2)) if n > 2 else 0.0
+    # a cell optimum found at this resolution is off by up to about a quarter of it
+    residual_sd = max(residual_sd, resolution / 4)
+    leverage = 1 / n + (u - known_u.mean()) ** 2 / np.sum((known_u - known_u.mean()) ** 2)
+    half_width = 2 * residual_sd * math.sqrt(1 + leverage)
+    return Start(float(intercept + slope * u), max(resolution, half_width))
+
+
+def next_step(cells: Mapping[int, Points], lattice: Lattice, settings: SearchSettings) -> dict[int, list[float]]:
+    """The next α values of every rank of one law group (rank → measured points, empty when not started);
+    an empty dict when the whole group is done."""
+    ranks = sorted(cells)
+    first = {ranks[0], ranks[-1]}
+    step = {rank: next_alphas(cells[rank], lattice, settings) for rank in ranks if cells[rank] or rank in first}
+    if any(step[rank] for rank in first):
+        return {rank: alphas for rank, alphas in step.items() if alphas}
+    optima = {rank: x for rank in step if not step[rank] and (x := cell_optimum(cells[rank])) is not None}
+    for rank in ranks:
+        if rank not in step:
+            step[rank] = next_alphas({}, lattice, settings, law_start(optima, rank, settings.resolution))
+    return {rank: alphas for rank, alphas in step.items() if alphas}
+
+
+def metric_column(metric: str) -> tuple[str, bool]:
+    """The result column the analysis reads for the spec's metric, and whether higher is better."""
+    return ("final_eval_accuracy", True) if metric == "eval_accuracy" else ("final_eval_loss", False)
+
+
+def trial_objective(status: str, value: float | None, maximize: bool) -> float | None:
+    """A finished trial's metric as the analysis minimizes it: +inf when it diverged, was pruned or is not finite;
+    None for a failed trial (error, oom), which the analysis leaves out."""
+    if status in ("error", "oom"):
+        return None
+    if status != "ok" or value is None or not math.isfinite(value):
+        return math.inf
+    return -value if maximize else value
+
+
+def point_value(objectives: list[float | None]) -> float:
+    """The seed-averaged objective of one α, as the analysis takes it: +inf when any seed is +inf or none is usable."""
+    usable = [v for v in objectives if v is not None]
+    return math.inf if not usable or math.inf in usable else sum(usable) / len(usable)
+
+
+def expected_points(n_ranks: int, settings: SearchSettings) -> tuple[int, int]:
+    """α values a law group of `n_ranks` ranks needs: at best (the coarse design finds each first rank's optimum
+    in one parabolic step, and the law every other rank's) and at worst (every cell at max_points)."""
+    first = min(n_ranks, 2)
+    return first * (settings.initial_points + 2) + 3 * (n_ranks - first), settings.max_points * n_ranks

@@ -1,0 +1,121 @@
+"""An adaptive study's trials (search: {method: adaptive}): its law groups and cells, the trial config of any α,
+each cell's measured points read from the results store, and what `plan` and `status` say about it. No ray.
+
+Every α the search measures is an ordinary trial: the grid's config for that cell and seed with only α changed,
+so its id, row and curve are those a grid with that α would have produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import pandas as pd
+
+from scaling_lab import results
+from scaling_lab.grid import TrialConfig, expand
+from scaling_lab.search import Lattice, Points, expected_points, metric_column, point_value, trial_objective
+from scaling_lab.spec import StudySpec
+
+GroupKey = tuple[str, str, float]  # model, scaling rule, learning rate: the cells one law is fitted across
+ROW_COLUMNS = ["trial_id", "model", "scaling_rule", "learning_rate", "rank", "seed", "alpha", "status"]
+
+
+def group_label(key: GroupKey) -> str:
+    model, rule, learning_rate = key
+    return f"{model} {rule} lr={learning_rate:g}"
+
+
+class SearchSpace:
+    """The spec's cells, one trial template per seed, and the α lattice of the search."""
+
+    def __init__(self, spec: StudySpec):
+        self.spec = spec
+        self.settings = spec.search
+        alphas = spec.grid.alpha_values()
+        self.lattice = Lattice.between(min(alphas), max(alphas), spec.search.resolution)
+        self.column, self.maximize = metric_column(spec.metric)
+        self.templates: dict[GroupKey, dict[int, dict[int, TrialConfig]]] = defaultdict(lambda: defaultdict(dict))
+        for config in expand(spec):
+            if config.alpha == alphas[0]:
+                key = (config.model.name, config.scaling_rule, config.learning_rate)
+                self.templates[key][config.rank][config.seed] = config
+        self._members: dict[str, bool] = {}  # trial id → whether it is a trial of this study
+
+    @property
+    def groups(self) -> list[GroupKey]:
+        return list(self.templates)
+
+    def configs(self, key: GroupKey, rank: int, alpha: float) -> list[TrialConfig]:
+        """The trials that measure `alpha` in one cell: one per seed."""
+        return [dataclasses.replace(t, alpha=alpha) for t in self.templates[key][rank].values()]
+
+    def _is_member(self, row: dict) -> bool:
+        """Whether the row is this study's trial at its α (and not, say, one run under another spec)."""
+        trial_id = row["trial_id"]
+        if trial_id not in self._members:
+            by_seed = self.templates.get((row["model"], row["scaling_rule"], row["learning_rate"]), {})
+            template = by_seed.get(row["rank"], {}).get(row["seed"])
+            self._members[trial_id] = (
+                template is not None and dataclasses.replace(template, alpha=row["alpha"]).trial_id == trial_id
+            )
+        return self._members[trial_id]
+
+    @property
+    def columns(self) -> list[str]:
+        """The result columns the search reads."""
+        return ROW_COLUMNS + [self.column]
+
+    def rows(self, frame: pd.DataFrame) -> list[dict]:
+        """The rows of `frame` (trial rows of the results store) that are trials of this study."""
+        return [row for row in frame[self.columns].to_dict("records") if self._is_member(row)]
+
+    def measured(self, frame: pd.DataFrame) -> dict[GroupKey, dict[int, Points]]:
+        """Every cell's points (α → seed-averaged objective) from the α values all of whose seeds finished."""
+        objectives: dict[tuple[GroupKey, int, float], dict[int, float | None]] = defaultdict(dict)
+        for row in self.rows(frame):
+            key = (row["model"], row["scaling_rule"], row["learning_rate"])
+            objectives[key, row["rank"], row["alpha"]][row["seed"]] = trial_objective(
+                row["status"], row[self.column], self.maximize
+            )
+        cells = {key: {rank: {} for rank in by_rank} for key, by_rank in self.templates.items()}
+        for (key, rank, alpha), by_seed in objectives.items():
+            if set(by_seed) == set(self.templates[key][rank]):
+                cells[key][rank][alpha] = point_value(list(by_seed.values()))
+        return cells
+
+
+def read_rows(store: results.Store) -> pd.DataFrame:
+    return results.read_trials(store).to_pandas()
+
+
+def study_trial_ids(spec: StudySpec, results_dir: str) -> list[str]:
+    """The trials of the study: the grid's; for an adaptive search, those it has run so far and those running."""
+    if spec.search.method != "adaptive":
+        return [t.trial_id for t in expand(spec)]
+    store = results.Store(results_dir)
+    finished = [row["trial_id"] for row in SearchSpace(spec).rows(read_rows(store))] if store.is_dir() else []
+    running = [name.removesuffix(".json") for name in store.list(results.CLAIMS, ".json")]
+    return sorted(set(finished) | set(running))
+
+
+def search_note(spec: StudySpec) -> str:
+    """What `status` adds for an adaptive search, whose number of trials is not known in advance."""
+    if spec.search.method != "adaptive":
+        return ""
+    return f"; adaptive search: trials are chosen as results come in (the full grid has {len(expand(spec))})"
+
+
+def plan_line(spec: StudySpec) -> str:
+    """What `plan` says about an adaptive search: the grid's count and the data-dependent range of its own."""
+    grid_trials = len(expand(spec))
+    groups = len(SearchSpace(spec).groups)
+    seeds = len(spec.grid.seeds)
+    low, high = expected_points(len(spec.grid.ranks), spec.search)
+    alphas = spec.grid.alpha_values()
+    return (
+        f"  search: adaptive, α between {min(alphas):g} and {max(alphas):g} to {spec.search.resolution:g} octave; "
+        f"the full grid would need {grid_trials} trials, the adaptive count depends on the results: expected "
+        f"{low * groups * seeds}–{high * groups * seeds} trials ({low}–{high} α values per law group × {groups} "
+        f"group(s) × {seeds} seed(s)); costs below are for the full grid"
+    )

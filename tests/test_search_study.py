@@ -1,0 +1,86 @@
+"""Tier 2: the adaptive search as a Ray Tune Searcher over the simulated backend."""
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scaling_lab import results, simulated, spec as spec_lib
+from scaling_lab.search import cell_optimum
+from scaling_lab.study.__main__ import main as study_cli
+from scaling_lab.study.adaptive import SearchSpace, plan_line
+from scaling_lab.trial import run_group
+
+SPEC = {
+    "name": "adaptive",
+    "models": [{"name": "xs", "source": "tiny:xs"}],
+    "grid": {"ranks": [1, 4, 16, 64], "alphas": {"min": 1, "max": 65536, "num": 17}, "seeds": [0, 1]},
+    "training": {"steps": 20, "eval_every": 5},
+    "execution": {"backend": "simulated", "trials_per_group": 8},
+    "search": {"method": "adaptive"},
+}
+GRID_TRIALS = 4 * 17 * 2
+
+
+def check_optima(results_dir: Path) -> None:
+    space = SearchSpace(spec_lib.parse(SPEC))
+    (cells,) = space.measured(results.load(results_dir)).values()
+    for rank, points in cells.items():
+        assert abs(cell_optimum(points) - math.log2(simulated.optimal_alpha(rank))) < 0.1
+
+
+def test_searcher_protocol_without_tune(tmp_path):
+    """Driven as Tune drives it: suggest until None, run what was suggested, report completion, until FINISHED."""
+    from ray.tune.search import Searcher
+
+    from scaling_lab.study.searcher import AdaptiveSearcher
+
+    spec = spec_lib.parse(SPEC)
+    store = results.Store(tmp_path)
+
+    def make_groups(todo):
+        return [{"trials": [t.to_dict() for t in todo], "results_dir": str(tmp_path), "cache_dir": str(tmp_path),
+                 "base_dir": str(tmp_path), "backend": "simulated", "study": spec.name}]
+
+    searcher = AdaptiveSearcher(SearchSpace(spec), store, make_groups, note=lambda text: None)
+    suggested, waits = 0, 0
+    for tune_id in map(str, range(100)):
+        suggestion = searcher.suggest(tune_id)
+        if suggestion == Searcher.FINISHED:
+            break
+        assert suggestion is not None, "nothing runs, so the searcher must not wait"
+        assert searcher.suggest(f"{tune_id}-wait") is None
+        waits += 1
+        suggested += len(suggestion["group"]["trials"])
+        run_group(suggestion["group"])
+        searcher.on_trial_complete(tune_id)
+    assert 2 <= waits <= 4
+    assert len(results.load(tmp_path)) == suggested < GRID_TRIALS / 3
+    check_optima(tmp_path)
+
+
+def test_plan_states_the_grid_count_and_the_adaptive_range():
+    line = plan_line(spec_lib.parse(SPEC))
+    assert f"the full grid would need {GRID_TRIALS} trials" in line and "expected 40–96 trials" in line
+
+
+@pytest.mark.ray
+def test_adaptive_study_on_local_ray_run_and_status(tmp_path, monkeypatch, capsys):
+    data = {**SPEC, "execution": {**SPEC["execution"], "trials_per_group": 64, "max_concurrent": 1}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # for the Ray workers
+    assert study_cli(["run", "spec.yaml"]) == 0
+    run = capsys.readouterr().out
+    results_dir = tmp_path / "results/adaptive"
+    frame = results.load(results_dir)
+    assert len(SearchSpace(spec_lib.parse(data)).rows(frame)) == len(frame) < GRID_TRIALS / 3
+    assert set(frame["status"]) <= {"ok", "diverged"} and frame["trial_id"].is_unique
+    assert not list((results_dir / "claims").glob("*.json"))
+    assert "search done after 3 steps" in run and "best α per cell" in run
+    check_optima(results_dir)
+
+    assert study_cli(["status", "results/adaptive"]) == 0
+    status = capsys.readouterr().out
+    assert f"{len(frame)}/{len(frame)} done" in status and "adaptive search" in status
