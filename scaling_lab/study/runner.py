@@ -214,6 +214,16 @@ def _write_problem(store: results.Store) -> str | None:
     return None
 
 
+def connect_ray(options: RunOptions) -> None:
+    """The cluster at --address or RAY_ADDRESS, else a fresh local instance: left to itself, ray.init would join
+    whatever cluster was last started on this machine."""
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ray.init(address=options.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=options.verbose,
+             include_dashboard=False, configure_logging=False)
+
+
 def run(spec: StudySpec, options: RunOptions) -> str:
     """Run every unfinished trial of the study; finished trials (by content hash) are never run again, and
     trials that another driver is running are waited for, not run twice."""
@@ -241,10 +251,7 @@ def run(spec: StudySpec, options: RunOptions) -> str:
     import ray
     from ray import tune
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # "local" starts a fresh instance: left to itself, ray.init joins any cluster last started on this machine
-    ray.init(address=options.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=options.verbose,
-             include_dashboard=False, configure_logging=False)
+    connect_ray(options)
     run_id = uuid.uuid4().hex
     try:
         slots = concurrency(spec, ray.cluster_resources())

@@ -11,7 +11,6 @@ a study run again continues from the rows it finds.
 from __future__ import annotations
 
 import math
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -101,9 +100,7 @@ def run_adaptive(spec: StudySpec, options: runner.RunOptions, results_dir: str) 
     import ray
 
     store = results.Store(results_dir)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ray.init(address=options.address, log_to_driver=options.verbose, include_dashboard=False,
-             configure_logging=False)
+    runner.connect_ray(options)
     run_id = uuid.uuid4().hex
     started = time.monotonic()
     try:
