@@ -7,6 +7,7 @@ over SYNTHETIC_VOCAB_SIZE tokens: pretraining learns the chain, fine-tuning lear
 from __future__ import annotations
 
 import dataclasses
+import math
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,23 +267,31 @@ def _as_prompt_and_completion(data: DataSpec) -> DataSpec:
 
 
 def _laid_out(table: pd.DataFrame, data: DataSpec, tokenizer: Any) -> pd.DataFrame:
-    """Rows with the prompt a template or chat messages make, filtered by data.min_words / max_words."""
+    """Rows with the prompt and completion a template or chat messages make, filtered by min_words / max_words."""
     if data.prompt_template is not None:
-        table = table.assign(
-            **{PROMPT: [data.prompt_template.format_map(row) for row in table.astype(str).to_dict("records")],
-               COMPLETION: table[data.completion_column].astype(str)}
-        )
+        table = _with_template_prompt(table, data)
     elif data.messages_column is not None:
-        table = table.assign(**dict(zip((PROMPT, COMPLETION), zip(*(
-            _chat_turns(messages, tokenizer, data.source) for messages in table[data.messages_column]
-        )), strict=True)))
+        table = _with_chat_prompt(table, data, tokenizer)
     if data.min_words is None and data.max_words is None:
         return table
-    columns = [data.text_column] if data.text_column is not None else [
-        PROMPT if PROMPT in table else data.prompt_column, COMPLETION if COMPLETION in table else data.completion_column
-    ]
-    words = sum(table[c].astype(str).str.split().str.len() for c in columns)
-    kept = table[words.between(data.min_words or 0, data.max_words if data.max_words is not None else float("inf"))]
+    return _within_word_range(table, _as_prompt_and_completion(data))
+
+
+def _with_template_prompt(table: pd.DataFrame, data: DataSpec) -> pd.DataFrame:
+    prompts = [data.prompt_template.format_map(row) for row in table.astype(str).to_dict("records")]
+    return table.assign(**{PROMPT: prompts, COMPLETION: table[data.completion_column].astype(str)})
+
+
+def _with_chat_prompt(table: pd.DataFrame, data: DataSpec, tokenizer: Any) -> pd.DataFrame:
+    turns = [_chat_turns(messages, tokenizer, data.source) for messages in table[data.messages_column]]
+    return table.assign(**{PROMPT: [prompt for prompt, _ in turns], COMPLETION: [reply for _, reply in turns]})
+
+
+def _within_word_range(table: pd.DataFrame, data: DataSpec) -> pd.DataFrame:
+    """Rows whose text, or prompt and completion together, hold min_words to max_words whitespace-separated words."""
+    columns = [data.text_column] if data.text_column is not None else [data.prompt_column, data.completion_column]
+    words = sum(table[column].astype(str).str.split().str.len() for column in columns)
+    kept = table[words.between(data.min_words or 0, data.max_words if data.max_words is not None else math.inf)]
     if kept.empty:
         raise DataError(f"{data.source}: no row holds between {data.min_words} and {data.max_words} words")
     return kept

@@ -323,9 +323,9 @@ def test_prompt_template_joins_columns_and_word_filter_keeps_the_range(tmp_path,
     for row in INSTRUCTION_ROWS[:2]:
         prompt = [bos] + ids(causal_tokenizer, f"{row['instruction']} {row['input']}")
         completion = ids(causal_tokenizer, row["response"]) + [eos]
-        expected_labels.add(tuple([IGNORE_INDEX] * len(prompt) + completion + [IGNORE_INDEX] * (16 - len(prompt) - len(completion))))
-    got = {tuple(split["labels"][i].tolist()) for split in (task.train, task.eval) for i in range(len(split["labels"]))}
-    assert got == expected_labels
+        padding = 16 - len(prompt) - len(completion)
+        expected_labels.add(tuple([IGNORE_INDEX] * len(prompt) + completion + [IGNORE_INDEX] * padding))
+    assert {dict(row)["labels"] for row in rows_of(task)} == expected_labels
     with pytest.raises(data.DataError, match="no row holds between 40 and 50 words"):
         load(DataSpec(source=source.name, prompt_template="{instruction}{input}", completion_column="response",
                       min_words=40, max_words=50), causal_tokenizer, tmp_path)
@@ -358,9 +358,17 @@ def test_chat_messages_train_on_the_last_assistant_turn(tmp_path, causal_tokeniz
         completion = ids(chat, assistant["content"]) + [eos]
         tokens = prompt + completion
         expected.add(tuple(tokens + [eos] * (12 - len(tokens))))
-    got = {tuple(split["input_ids"][i].tolist()) for split in (task.train, task.eval) for i in range(len(split["input_ids"]))}
-    assert got == expected
+    assert {dict(row)["input_ids"] for row in rows_of(task)} == expected
 
     unanswered = write_table([{"messages": [{"role": "user", "content": "the cat ?"}]}] * 2, tmp_path / "open.jsonl")
     with pytest.raises(data.DataError, match="does not end with an assistant turn"):
         load(DataSpec(source=unanswered.name, messages_column="messages"), chat, tmp_path)
+
+
+def test_word_filter_counts_the_named_prompt_column(tmp_path, causal_tokenizer):
+    rows = [{"prompt": "the cat sat on the mat far far", "question": "the cat ?", "answer": "yes"}] * 2
+    rows += [{"prompt": "the", "question": "the dog ran far on the mat ?", "answer": "no"}] * 2
+    source = write_table(rows, tmp_path / "columns.jsonl")
+    spec = DataSpec(source=source.name, prompt_column="question", completion_column="answer", max_words=5)
+    task = load(spec, causal_tokenizer, tmp_path, seq_len=12)
+    assert row_lengths(task.train) | row_lengths(task.eval) == {1 + 3 + 1 + 1}  # BOS, question, answer, EOS
