@@ -210,7 +210,7 @@ def test_failing_trials_become_rows_and_retry_failed_reruns_only_them(tmp_path):
     write_spec(tmp_path, {**data, "execution": {**data["execution"], "inject_faults": []}})
     code, retry_out, err = study("run", str(spec_path), "--retry-failed", cwd=tmp_path, env=secrets)
     assert code == 0, err[-3000:]
-    assert "2 failed trials to run again" in retry_out
+    assert "failed trials to run again: 2" in retry_out
     frame = assert_complete(tmp_path / "results/rel", spec_path).set_index(["rank", "alpha"])
     assert set(frame["status"]) == {"ok", "diverged"} and frame.loc[(16, 64), "attempts"] == 3
     rerun = {f"{frame.loc[cell, 'trial_id']}.parquet" for cell in [(4, 4), (16, 16)]}
@@ -239,7 +239,6 @@ def test_two_drivers_on_one_study_never_run_a_trial_twice(tmp_path):
     frame = assert_complete(tmp_path / "results/rel", spec_path)
     assert frame["node"].nunique() == 2  # each driver's own local Ray ran some of the trials ...
     assert (frame["attempts"] == 1).all()  # ... and each trial was claimed once: none taken over, none run twice
-    assert "running elsewhere" in outputs[1][1]
 
 
 def test_a_removed_node_s_trials_are_retried_on_another(tmp_path, monkeypatch):

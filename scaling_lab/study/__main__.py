@@ -71,7 +71,7 @@ def cmd_status(args) -> None:
         print(f"  {outside} finished trials are not in the current grid (their rows are kept)")
     set_aside = [n for n in store.list(results.FAILED, ".parquet") if not n.endswith(".curve.parquet")]
     if set_aside:
-        print(f"  {len(set_aside)} rows of earlier failed attempts are kept in {store.path(results.FAILED)}")
+        print(f"  rows of earlier failed attempts kept in {store.path(results.FAILED)}: {len(set_aside)}")
     for claim in progress.claims(results_dir):
         state = "stale (the next run takes it over)" if claims.is_stale(claim) else "running"
         print(f"  {state} {claim['trial_id']} (attempt {claim.get('attempt')}, {claim.get('host')} pid "

@@ -232,7 +232,7 @@ def run(spec: StudySpec, options: RunOptions) -> str:
     changed = check_results_dir(spec, store)
     if options.retry_failed:
         retried = set_aside_failures(spec, store)
-        print(f"{len(retried)} failed trials to run again; their rows are kept in {store.path(results.FAILED)}")
+        print(f"failed trials to run again: {len(retried)}; their rows are kept in {store.path(results.FAILED)}")
     trials, todo = pending_trials(spec, results_dir)
     if changed:
         outside = len(results.completed_ids(store) - {t.trial_id for t in trials})
