@@ -205,9 +205,9 @@ def set_aside_failures(spec: StudySpec, store: results.Store) -> list[str]:
 
 
 def _write_problem(store: results.Store) -> str | None:
-    """Why nothing can be written to the results directory now (a full disk, say), or None if it can."""
+    """Why the results directory has no room to work in now (a full disk, say), or None if it has."""
     try:
-        store.write(".write-probe", b"probe")  # some bytes: an empty file needs no free space
+        store.write(".write-probe", bytes(2**20))  # a MiB: a few freed blocks are not room to work in
     except results.ResultsError as exc:
         return str(exc)
     store.delete(".write-probe")
@@ -295,6 +295,8 @@ def run(spec: StudySpec, options: RunOptions) -> str:
                         raise GroupsFailed(f"{problem}; the study stopped: run it again once there is room") from None
                     raise
                 failed_groups = [r.error for r in outcome if r.error is not None]
+                if failed_groups and (problem := _write_problem(store)):
+                    raise GroupsFailed(f"{problem}; the study stopped: run it again once there is room")
                 if failed_groups:
                     raise GroupsFailed(f"{len(failed_groups)} of {len(groups)} trial groups failed after retries; "
                                        f"first error: {str(failed_groups[0]).strip().splitlines()[-1]}")
