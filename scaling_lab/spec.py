@@ -133,7 +133,7 @@ class OptimizerSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0
-    grad_clip: float | None = None
+    grad_clip: float | None = 1.0  # the global gradient norm's cap (DeepSpeed's and HF Trainer's default); null: none
 
     def check(self, path: str) -> None:
         _require(self.weight_decay >= 0, f"{path}.weight_decay", "a number >= 0", self.weight_decay)

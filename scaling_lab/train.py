@@ -99,9 +99,8 @@ def deepspeed_config(config: TrialConfig, world_size: int) -> dict:
         "fp16": {"enabled": config.deepspeed.precision == "fp16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "gradient_clipping": config.optimizer.grad_clip or 0.0,  # DeepSpeed clips at 1.0 where this is left out
     }
-    if config.optimizer.grad_clip is not None:
-        ds["gradient_clipping"] = config.optimizer.grad_clip
     if "offload_optimizer" in zero:
         # Keep the trial's own torch optimizer, so that offloading does not change the update; it steps only
         # the small LoRA tensors, where DeepSpeed's CPU Adam would save little.

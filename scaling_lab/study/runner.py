@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import itertools
 import json
@@ -204,14 +205,32 @@ def set_aside_failures(spec: StudySpec, store: results.Store) -> list[str]:
     return failed
 
 
-def _write_problem(store: results.Store) -> str | None:
-    """Why the results directory has no room to work in now (a full disk, say), or None if it has."""
+def _write_problem(store: results.Store, failure: BaseException) -> str | None:
+    """Why the results directory has no room to work in (a full disk, say), or None if it has."""
+    chain = []
+    while failure is not None and len(chain) < 20:
+        chain.append(str(failure))
+        failure = failure.__cause__ or failure.__context__
+    if any(os.strerror(errno.ENOSPC) in text for text in chain):
+        return f"{store}: cannot write ({os.strerror(errno.ENOSPC)})"
     try:
         store.write(".write-probe", bytes(2**20))  # a MiB: a few freed blocks are not room to work in
     except results.ResultsError as exc:
         return str(exc)
     store.delete(".write-probe")
     return None
+
+
+@contextlib.contextmanager
+def full_disk_named(store: results.Store):
+    """Ray fails in obscure ways (an EOFError while unpickling, a failed group) once the results disk is full:
+    any failure while the results directory cannot be written becomes one line that names the cause."""
+    try:
+        yield
+    except Exception as exc:
+        if problem := _write_problem(store, exc):
+            raise GroupsFailed(f"{problem}; the study stopped: run it again once there is room") from None
+        raise
 
 
 def connect_ray(options: RunOptions) -> None:
@@ -240,17 +259,24 @@ def run(spec: StudySpec, options: RunOptions) -> str:
               f"({outside} not in the current grid); {len(todo)} of {len(trials)} trials to run")
     store.write("spec.yaml", spec_lib.dump(spec).encode())
     store.remove_stale_temporaries(older_than_s=spec.execution.claim_timeout_s)
-    if spec.search.method == "adaptive":  # α chosen as results come in: scaling_lab/study/searcher.py
-        from scaling_lab.study.searcher import run_adaptive
+    with full_disk_named(store):
+        if spec.search.method == "adaptive":  # α chosen as results come in: scaling_lab/study/searcher.py
+            from scaling_lab.study.searcher import run_adaptive
 
-        return run_adaptive(spec, options, results_dir)
-    if not todo:
-        print(f"all {len(trials)} trials of {spec.name!r} are finished in {results_dir}; nothing to run")
-        return results_dir
+            run_adaptive(spec, options, results_dir)
+        elif not todo:
+            print(f"all {len(trials)} trials of {spec.name!r} are finished in {results_dir}; nothing to run")
+        else:
+            _run_rounds(spec, options, results_dir, trials)
+    return results_dir
 
+
+def _run_rounds(spec: StudySpec, options: RunOptions, results_dir: str, trials: list[TrialConfig]) -> None:
+    """Tune runs over the unfinished trials, until none is left."""
     import ray
     from ray import tune
 
+    store = results.Store(results_dir)
     connect_ray(options)
     run_id = uuid.uuid4().hex
     try:
@@ -287,20 +313,11 @@ def run(spec: StudySpec, options: RunOptions) -> str:
                         verbose=0,
                     ),
                 )
-                try:
-                    outcome = tuner.fit()
-                except Exception:
-                    problem = _write_problem(store)  # a full disk makes Tune fail in obscure ways: name the cause
-                    if problem:
-                        raise GroupsFailed(f"{problem}; the study stopped: run it again once there is room") from None
-                    raise
+                outcome = tuner.fit()
                 failed_groups = [r.error for r in outcome if r.error is not None]
-                if failed_groups and (problem := _write_problem(store)):
-                    raise GroupsFailed(f"{problem}; the study stopped: run it again once there is room")
                 if failed_groups:
                     raise GroupsFailed(f"{len(failed_groups)} of {len(groups)} trial groups failed after retries; "
                                        f"first error: {str(failed_groups[0]).strip().splitlines()[-1]}")
                 left_after_last_round = len(todo)
     finally:
         ray.shutdown()
-    return results_dir

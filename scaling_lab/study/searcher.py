@@ -95,7 +95,7 @@ def _optima(cells: dict) -> str:
     return "α* " + ", ".join(f"r={r}: {2**x:.4g}" if x is not None else f"r={r}: at an edge" for r, x in found.items())
 
 
-def run_adaptive(spec: StudySpec, options: runner.RunOptions, results_dir: str) -> str:
+def run_adaptive(spec: StudySpec, options: runner.RunOptions, results_dir: str) -> None:
     """Run the adaptive search of a study on local Ray or a cluster; like runner.run for the grid."""
     import ray
 
@@ -133,4 +133,3 @@ def run_adaptive(spec: StudySpec, options: runner.RunOptions, results_dir: str) 
         note(f"adaptive search finished in {math.ceil(time.monotonic() - started)} s")
     finally:
         ray.shutdown()
-    return results_dir
