@@ -1,18 +1,23 @@
 """Per-trial overhead: trials through the platform ÷ the same trials as a bare PyTorch + PEFT loop.
 
-Both sides run the same trials of the embedded default study's size (tiny-xs, 80 steps, the same evaluations;
-ranks 1, 4, 16 × four α values that do not diverge × the given number of seeds), one at a time on one core. The platform side is `python -m scaling_lab.study run` on local Ray (Ray Tune →
-Ray Train → DeepSpeed ZeRO-0), timed from the command's start to its end, Ray's start-up included; the bare
-side is one process with a plain training loop. Diagnostics are off on both sides (they are extra work, not
-overhead). Prints the ratio last.
+Both sides run the same trials of the embedded default study's size (tiny-xs, 80 steps, the same evaluations,
+gradients clipped as the spec says; ranks 1, 4, 16 × four α values that do not diverge × seeds), one at a time
+on one core, each as one command timed from its start to its end, imports included:
+- the platform: `python -m scaling_lab.study run` on a fresh local Ray (Ray Tune → Ray Train → DeepSpeed
+  ZeRO-0), all trials in one worker group, as each of the default study's two worker groups runs 98 trials;
+- bare: one Python process with a plain training loop, what a researcher would write by hand.
+Diagnostics are off on both sides (they are extra work, not overhead). Prints the per-trial ratio last (a
+trial's wall time once both sides have started); the start-up costs and the whole-run ratio come before it.
 
-    python benchmarks/trial_overhead.py [--seeds 2]
+    python benchmarks/trial_overhead.py [--seeds 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,32 +40,39 @@ def study_spec(seeds: int, output_dir: Path) -> dict:
     return spec
 
 
-def bare_loop(trials, cache_dir: Path) -> float:
-    """The same trials as a plain PyTorch + PEFT loop: what a researcher would write by hand."""
+def bare_loop(spec_path: Path, cache_dir: Path) -> None:
+    """The trials as a plain PyTorch + PEFT loop; prints when each trial started and ended (JSON)."""
     import torch
 
     from scaling_lab import data, models
+    from scaling_lab import spec as spec_lib
+    from scaling_lab.grid import expand
     from scaling_lab.train import lora_model
 
     torch.set_num_threads(1)
-    started = time.perf_counter()
-    for config in trials:
+    times = []
+    for config in expand(spec_lib.load(spec_path)):
+        started = time.time()
         base = models.load_base(config.model, cache_dir)
         task = data.load_task(config.data, kind="causal_lm", tokenizer=None, vocab_size=base.vocab_size,
                               seq_len=config.training.seq_len, base_dir=ROOT)
         torch.manual_seed(config.seed)
         model = lora_model(config, base)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
         batches = data.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
         evaluate(model, task.eval, config)
         for step in range(1, config.training.total_steps + 1):
             loss = model(**next(batches)).loss
             loss.backward()
+            if config.optimizer.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.grad_clip)
             optimizer.step()
             optimizer.zero_grad()
             if step % config.training.eval_every == 0:
                 evaluate(model, task.eval, config)
-    return time.perf_counter() - started
+        times.append([started, time.time()])
+    print(json.dumps(times))
 
 
 def evaluate(model, split, config) -> float:
@@ -75,35 +87,57 @@ def evaluate(model, split, config) -> float:
     return sum(losses) / len(losses)
 
 
-def platform(spec: dict, cache_dir: Path, workdir: Path) -> float:
-    path = workdir / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
+def warm_up(spec: dict, cache_dir: Path) -> None:
+    """Build what either side would otherwise build on its first run: the cached base model, DeepSpeed's CPU op."""
+    from deepspeed.comm.torch import build_shm_op
+
+    from scaling_lab import models
+    from scaling_lab import spec as spec_lib
+
+    models.load_base(spec_lib.parse(spec).models[0], cache_dir)
+    build_shm_op()
+
+
+def timed(command: list[str], cwd: Path) -> tuple[float, float, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "scaling_lab.study", "run", str(path), "--cache-dir", str(cache_dir)],
-                   cwd=workdir, env=env, check=True, capture_output=True)
-    return time.perf_counter() - started
+    started = time.time()
+    done = subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True, text=True)
+    return started, time.time(), done.stdout
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2, help="12 trials per seed")
+    parser.add_argument("--seeds", type=int, default=8, help="12 trials per seed (default 8: 96 trials)")
+    parser.add_argument("--bare", nargs=2, metavar=("SPEC", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from scaling_lab import spec as spec_lib
-    from scaling_lab.grid import expand
+    if args.bare:
+        bare_loop(Path(args.bare[0]), Path(args.bare[1]))
+        return
+    from scaling_lab import results
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir, cache_dir = Path(tmp), Path(tmp) / "cache"
         spec = study_spec(args.seeds, workdir / "results")
-        trials = expand(spec_lib.parse(spec))
-        bare_loop(trials[:1], cache_dir)  # builds the cached base model and DeepSpeed's CPU ops for both sides
-        bare = bare_loop(trials, cache_dir)
-        through_platform = platform(spec, cache_dir, workdir)
-    print(f"{len(trials)} trials of the default study's size (tiny-xs, 80 steps), one at a time, on one core")
-    print(f"bare PyTorch + PEFT loop: {bare:.1f} s ({bare / len(trials):.2f} s per trial)")
-    print(f"through the platform:     {through_platform:.1f} s ({through_platform / len(trials):.2f} s per trial, "
-          "Ray start-up included)")
-    print(f"overhead ratio (platform ÷ bare): {through_platform / bare:.3f}")
+        (workdir / "spec.yaml").write_text(yaml.safe_dump(spec))
+        warm_up(spec, cache_dir)
+        bare_start, bare_end, out = timed([sys.executable, __file__, "--bare", "spec.yaml", str(cache_dir)], workdir)
+        bare_trials = json.loads(out.strip().splitlines()[-1])
+        platform_start, platform_end, _ = timed([sys.executable, "-m", "scaling_lab.study", "run", "spec.yaml",
+                                                 "--cache-dir", str(cache_dir)], workdir)
+        rows = results.load(workdir / "results").sort_values("started_at")
+    n = len(bare_trials)
+    bare_first = bare_trials[0][0] - bare_start
+    bare_steady = statistics.mean(end - start for start, end in bare_trials[1:])
+    platform_first = rows["started_at"].iloc[0].timestamp() - platform_start
+    platform_steady = rows["wall_time_s"].iloc[1:].mean()
+    bare, platform = bare_end - bare_start, platform_end - platform_start
+    print(f"{n} trials of the default study's size (tiny-xs, 80 steps), one at a time, in one worker group, on one core")
+    print(f"bare PyTorch + PEFT process: {bare:.1f} s; first trial after {bare_first:.1f} s; "
+          f"then {bare_steady:.2f} s per trial")
+    print(f"through the platform:        {platform:.1f} s; first trial after {platform_first:.1f} s (Ray, Tune, "
+          f"Train start-up); then {platform_steady:.2f} s per trial")
+    print(f"whole runs of {n} trials, start-up included (platform ÷ bare): {platform / bare:.3f}")
+    print(f"per-trial overhead ratio (platform ÷ bare, trials 2..{n}): {platform_steady / bare_steady:.3f}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ The claim is removed once the trial's row is written. A claim is stale, and is t
 
 - its heartbeat is older than its timeout (a dead process or node anywhere, or a hung one),
 - its process is gone (only checkable on the same host), or
-- it was taken by the same run: then it is an earlier attempt of this very group, retried by Tune or Train
-  after its worker died.
+- it was taken by the same run, and not by another worker group running beside the one asking (a sibling of
+  the same round): then it is an earlier attempt of this very group, retried by Tune or Train after its worker
+  died, or a group of an earlier round, all of which have ended.
 
 On the local filesystem claims are taken under an exclusive `flock`, which the kernel releases when a process
 dies, so no two processes can take over the same stale claim. Object stores (s3://, gs://) offer neither locks
@@ -73,14 +74,19 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
-def is_stale(claim: dict, run_id: str | None = None) -> bool:
-    """Whether a claim may be taken over by a worker of run `run_id`."""
-    if run_id is not None and claim.get("run_id") == run_id:
+def is_stale(claim: dict, run_id: str | None = None, lane: tuple[int, int] | None = None) -> bool:
+    """Whether a claim may be taken over by worker group `lane` (round, index) of run `run_id`."""
+    if run_id is not None and claim.get("run_id") == run_id and not _sibling(claim.get("lane"), lane):
         return True
     heartbeat = claim.get("heartbeat_at")
     if not isinstance(heartbeat, (int, float)) or time.time() - heartbeat > claim.get("timeout_s", DEFAULT_TIMEOUT_S):
         return True
     return claim.get("host") == socket.gethostname() and not _process_alive(claim.get("pid", -1))
+
+
+def _sibling(theirs, mine: tuple[int, int] | None) -> bool:
+    """Whether a claim of this run was taken by another worker group of the same round as `mine`."""
+    return isinstance(theirs, list) and mine is not None and theirs != list(mine) and theirs[:1] == [mine[0]]
 
 
 def held_elsewhere(store: results.Store, trial_ids: list[str], run_id: str) -> list[str]:
@@ -106,7 +112,7 @@ class Claim:
 
     def _owned(self) -> bool:
         current = read(self.store, self.trial_id) or {}
-        return all(current.get(k) == self.data[k] for k in ("host", "pid", "run_id", "attempt"))
+        return all(current.get(k) == self.data.get(k) for k in ("host", "pid", "run_id", "lane", "attempt"))
 
     def _rewrite(self, **changes) -> bool:
         with _locked(self.store):
@@ -148,12 +154,15 @@ class Claim:
         self._rewrite(heartbeat_at=None)
 
 
-def acquire(store: results.Store, trial_id: str, run_id: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Claim | None:
-    """Claim a trial for this process; None when a live claim of another run holds it."""
+def acquire(store: results.Store, trial_id: str, run_id: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+            lane: tuple[int, int] | None = None) -> Claim | None:
+    """Claim a trial for this process, a worker of group `lane` of run `run_id`; None when a live claim of
+    another run, or of a sibling group, holds it."""
     data = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "run_id": run_id,
+        "lane": list(lane) if lane is not None else None,
         "attempt": 1,
         "timeout_s": timeout_s,
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -163,7 +172,7 @@ def acquire(store: results.Store, trial_id: str, run_id: str, timeout_s: float =
         previous = read(store, trial_id)
         if previous is None:
             return Claim(store, trial_id, data) if store.create_exclusive(_relative(trial_id), _encode(data)) else None
-        if not is_stale(previous, run_id):
+        if not is_stale(previous, run_id, lane):
             return None
         data["attempt"] = int(previous.get("attempt", 1)) + 1
         store.write(_relative(trial_id), _encode(data))

@@ -181,6 +181,8 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)
     )
+    if world_size == 1 and config.deepspeed.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # an average over one worker: skip flattening and copying back
 
     outcome = TrainOutcome(
         status="ok",

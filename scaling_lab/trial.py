@@ -15,7 +15,7 @@ import resource
 import socket
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from scaling_lab import checkpoint, claims, results
@@ -140,7 +140,9 @@ def run_group(group: dict) -> None:
     """Run a group of trials in order, skipping finished ones; every worker of the group calls this.
 
     `group` holds plain data: trials (config dicts), results_dir, cache_dir, base_dir, backend, study,
-    git_commit, step_time_s, and optionally run_id, claim_timeout_s, checkpoint_every, inject_faults.
+    git_commit, step_time_s, and optionally run_id, claim_timeout_s, checkpoint_every, inject_faults. With
+    `queue`, `shape`, `lane` and `max_trials`, the group takes its trials from the round's queue instead
+    (scaling_lab/study/trial_queue.py), at most max_trials of them.
     A trial that another driver's worker is running is skipped (see scaling_lab/claims.py).
     """
     if group["backend"] == "simulated":
@@ -152,15 +154,14 @@ def run_group(group: dict) -> None:
     store = results.Store(group["results_dir"])
     cache_dir, base_dir = Path(group["cache_dir"]), Path(group["base_dir"])
     device = "simulated" if group["backend"] == "simulated" else _device()
-    run_id = group.get("run_id") or uuid.uuid4().hex
-    claim_timeout_s = group.get("claim_timeout_s", claims.DEFAULT_TIMEOUT_S)
     faults = tuple(build(FaultInjection, fault) for fault in group.get("inject_faults", ()))
-    for trial_dict in group["trials"]:
+    claimed = _claimed_trials(group, store) if rank == 0 else iter(())
+    while True:
+        trial_dict, claim = next(claimed, (None, None))
+        trial_dict, attempt = _agreed(trial_dict, claim.attempt if claim else 0, world_size)
+        if trial_dict is None:
+            return
         config = TrialConfig.from_dict(trial_dict)
-        claim = _claim(store, config.trial_id, run_id, claim_timeout_s) if rank == 0 else None
-        attempt = _agreed_attempt(claim, world_size)
-        if not attempt:
-            continue
         every = group.get("checkpoint_every")
         trial_checkpoints = checkpoint.TrialCheckpoints(store, config.trial_id, every, rank) if every else None
         started_at = _now()
@@ -184,28 +185,49 @@ def run_group(group: dict) -> None:
             claim.release()
 
 
-def _claim(store: results.Store, trial_id: str, run_id: str, timeout_s: float) -> claims.Claim | None:
+def _claimed_trials(group: dict, store: results.Store) -> Iterator[tuple[dict, claims.Claim]]:
+    """The group's trials that this worker claimed, one at a time as the previous one finishes."""
+    run_id = group.get("run_id") or uuid.uuid4().hex
+    timeout_s = group.get("claim_timeout_s", claims.DEFAULT_TIMEOUT_S)
+    lane = tuple(group["lane"]) if group.get("lane") else None
+    if "queue" in group:
+        from scaling_lab.study import trial_queue
+
+        offered, limit = trial_queue.offered(group), group["max_trials"]
+    else:
+        offered, limit = iter(group["trials"]), len(group["trials"])
+    taken = 0
+    for trial_dict in offered:
+        claim = _claim(store, TrialConfig.from_dict(trial_dict).trial_id, run_id, timeout_s, lane)
+        if claim is not None:
+            yield trial_dict, claim
+            taken += 1
+            if taken == limit:
+                return
+
+
+def _claim(store: results.Store, trial_id: str, run_id: str, timeout_s: float,
+           lane: tuple[int, int] | None) -> claims.Claim | None:
     """Claim the trial, unless it is finished or another driver's worker runs it."""
     row = f"{results.TRIALS}/{trial_id}.parquet"
     if store.exists(row):
         return None
-    claim = claims.acquire(store, trial_id, run_id, timeout_s)
+    claim = claims.acquire(store, trial_id, run_id, timeout_s, lane)
     if claim is not None and store.exists(row):  # its previous owner finished it in between
         claim.release()
         return None
     return claim
 
 
-def _agreed_attempt(claim: claims.Claim | None, world_size: int) -> int:
-    """Worker 0's attempt number for the trial, 0 to skip it, so that all workers skip or run it together."""
-    attempt = claim.attempt if claim else 0
+def _agreed(trial_dict: dict | None, attempt: int, world_size: int) -> tuple[dict | None, int]:
+    """Worker 0's next trial and attempt number (None when the group is done), so that all workers run it."""
     if world_size > 1:
         import torch.distributed as dist
 
-        decision = [attempt]
+        decision = [trial_dict, attempt]
         dist.broadcast_object_list(decision, src=0)
-        attempt = decision[0]
-    return attempt
+        trial_dict, attempt = decision
+    return trial_dict, attempt
 
 
 def train_worker_loop(group: dict) -> None:

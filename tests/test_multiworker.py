@@ -39,6 +39,8 @@ def run_on(workers: int, results_dir, cache_dir) -> None:
     """One Ray Train worker group of `workers` runs the three trials one after another, as a study group does."""
     group = {
         "trials": [t.to_dict() for t in trials(workers)],
+        "resources": {"workers": workers, "cpus_per_worker": 1},
+        "run_id": f"multiworker-{workers}",
         "results_dir": str(results_dir),
         "cache_dir": str(cache_dir),
         "base_dir": str(ROOT),

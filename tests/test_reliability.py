@@ -102,6 +102,16 @@ def test_a_live_claim_is_respected_and_a_stale_one_taken_over_with_the_next_atte
     assert claims.acquire(store, "t1", run_id="driver-b").attempt == 2
 
 
+def test_worker_groups_of_one_round_leave_each_other_s_trials_alone(tmp_path):
+    store = results.Store(tmp_path)
+    held = claims.acquire(store, "t1", run_id="driver-a", lane=(0, 0))
+    assert claims.acquire(store, "t1", run_id="driver-a", lane=(0, 1)) is None  # a sibling group, running it
+    assert claims.held_elsewhere(store, ["t1"], run_id="driver-a") == []  # the driver's own, not another's
+    assert claims.acquire(store, "t1", run_id="driver-a", lane=(0, 0)).attempt == held.attempt + 1  # its retry
+    assert claims.acquire(store, "t1", run_id="driver-a", lane=(1, 1)).attempt == held.attempt + 2  # next round
+    assert claims.acquire(store, "t1", run_id="driver-b", lane=(0, 0)) is None  # another driver's group
+
+
 def test_a_heartbeat_keeps_a_long_trial_claimed_and_stops_once_the_claim_is_lost(tmp_path):
     store = results.Store(tmp_path)
     claim = claims.acquire(store, "t1", run_id="driver-a", timeout_s=0.4)

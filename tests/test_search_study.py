@@ -3,6 +3,8 @@
 import math
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -84,3 +86,13 @@ def test_adaptive_study_on_local_ray_run_and_status(tmp_path, monkeypatch, capsy
     assert study_cli(["status", "results/adaptive"]) == 0
     status = capsys.readouterr().out
     assert f"{len(frame)}/{len(frame)} done" in status and "adaptive search" in status
+
+    failed = frame["trial_id"].iloc[0]
+    row_path = results_dir / results.TRIALS / f"{failed}.parquet"
+    row = pq.read_table(row_path)
+    pq.write_table(row.set_column(row.schema.get_field_index("status"), "status", pa.array(["error"])), row_path)
+    assert study_cli(["run", "spec.yaml", "--retry-failed"]) == 0
+    assert "failed trials to run again: 1" in capsys.readouterr().out
+    again = results.load(results_dir).set_index("trial_id")
+    assert len(again) == len(frame) and again.loc[failed, "status"] == "ok"
+    assert (results_dir / results.FAILED).is_dir() and any((results_dir / results.FAILED).iterdir())

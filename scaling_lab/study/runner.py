@@ -13,7 +13,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import yaml
 from scaling_lab import claims, results, spec as spec_lib
 from scaling_lab.grid import TrialConfig, expand
 from scaling_lab.spec import Resources, StudySpec, to_dict
-from scaling_lab.study import progress
+from scaling_lab.study import progress, trial_queue
 from scaling_lab.study.ray_storage import ray_storage
 
 GROUP_DRIVER_MEMORY = 32 * 2**20  # what a Tune trial that only starts a TorchTrainer reserves, instead of a CPU
@@ -53,20 +53,29 @@ def git_commit(base_dir: Path) -> str | None:
     return out.stdout.strip() or None
 
 
+def shape_of(trial: TrialConfig) -> str:
+    """The worker-group shape a trial runs on: its resources, as text."""
+    return json.dumps(to_dict(trial.resources), sort_keys=True)
+
+
+def group_counts(trials: list[TrialConfig], per_group: int, slots: int) -> dict[str, int]:
+    """How many worker groups run the trials of each shape: enough that none runs more than `per_group`, and at
+    least `slots` in all where there are enough trials."""
+    sizes = Counter(shape_of(t) for t in trials)
+    counts = {shape: math.ceil(size / per_group) for shape, size in sizes.items()}
+    while sum(counts.values()) < slots and any(counts[k] < sizes[k] for k in counts):
+        shape = max((k for k in counts if counts[k] < sizes[k]), key=lambda k: sizes[k] / counts[k])
+        counts[shape] += 1
+    return counts
+
+
 def group_trials(trials: list[TrialConfig], per_group: int, slots: int) -> list[list[TrialConfig]]:
-    """Split trials into groups that share a model and resources, at most `per_group` each, and at least
-    `slots` groups overall where there are enough trials; trials are dealt round-robin so groups take alike time."""
-    by_key: dict[tuple, list[TrialConfig]] = defaultdict(list)
+    """Fixed groups of trials of one shape (see group_counts), dealt round-robin so that groups take alike time."""
+    counts = group_counts(trials, per_group, slots)
+    by_shape: dict[str, list[TrialConfig]] = defaultdict(list)
     for trial in trials:
-        by_key[(trial.model.name, json.dumps(to_dict(trial.resources), sort_keys=True))].append(trial)
-    counts = {key: math.ceil(len(members) / per_group) for key, members in by_key.items()}
-    while sum(counts.values()) < slots and any(counts[k] < len(by_key[k]) for k in counts):
-        key = max((k for k in counts if counts[k] < len(by_key[k])), key=lambda k: len(by_key[k]) / counts[k])
-        counts[key] += 1
-    groups = []
-    for key, members in by_key.items():
-        groups.extend(members[i :: counts[key]] for i in range(counts[key]))
-    return groups
+        by_shape[shape_of(trial)].append(trial)
+    return [members[i :: counts[shape]] for shape, members in by_shape.items() for i in range(counts[shape])]
 
 
 def concurrency(spec: StudySpec, cluster: dict[str, float]) -> int:
@@ -82,10 +91,9 @@ def concurrency(spec: StudySpec, cluster: dict[str, float]) -> int:
     return max(1, max(fits))
 
 
-def _group_dict(spec: StudySpec, group: list[TrialConfig], options: RunOptions, results_dir: str, commit,
-                run_id: str) -> dict:
+def group_settings(spec: StudySpec, options: RunOptions, results_dir: str, commit, run_id: str) -> dict:
+    """What every group of a run is told, besides its trials."""
     return {
-        "trials": [t.to_dict() for t in group],
         "results_dir": str(results_dir),
         "cache_dir": str(options.cache_dir or Path(spec.cache_dir).expanduser()),
         "base_dir": str(options.base_dir),
@@ -93,7 +101,6 @@ def _group_dict(spec: StudySpec, group: list[TrialConfig], options: RunOptions, 
         "study": spec.name,
         "git_commit": commit,
         "step_time_s": options.step_time_s or spec.execution.simulated_step_time_s,
-        "cpus_per_worker": group[0].resources.cpus_per_worker,
         "max_retries": spec.execution.max_retries,
         "run_id": run_id,
         "claim_timeout_s": spec.execution.claim_timeout_s,
@@ -102,26 +109,46 @@ def _group_dict(spec: StudySpec, group: list[TrialConfig], options: RunOptions, 
     }
 
 
+def _shaped(settings: dict, resources: Resources) -> dict:
+    return {**settings, "resources": to_dict(resources), "cpus_per_worker": resources.cpus_per_worker}
+
+
+def group_dict(settings: dict, trials: list[TrialConfig]) -> dict:
+    """A group that runs the given trials."""
+    return {**_shaped(settings, trials[0].resources), "trials": [t.to_dict() for t in trials]}
+
+
+def lane_dicts(settings: dict, trials: list[TrialConfig], per_group: int, slots: int, queue: str,
+               round_number: int) -> list[dict]:
+    """The groups of a round that take their trials, at most `per_group` each, from the round's queue."""
+    resources = {shape_of(t): t.resources for t in trials}
+    shapes = [shape for shape, count in group_counts(trials, per_group, slots).items() for _ in range(count)]
+    return [{**_shaped(settings, resources[shape]), "trials": [], "queue": queue, "shape": shape,
+             "lane": [round_number, index], "max_trials": per_group} for index, shape in enumerate(shapes)]
+
+
 def _worker_resources(resources: Resources) -> dict[str, float]:
     return {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker, **resources.custom}
 
 
-def run_group_trainable(config: dict) -> dict:
+def run_group_trainable(config: dict) -> None:
     """The Tune trainable: one Tune trial runs one group, in a Ray Train worker group or, simulated, in-process."""
     group = config["group"]
+    if "queue" in group and not trial_queue.left(group):
+        return  # the groups before this one took every trial: no worker group to start
     if group["backend"] == "simulated":
         from scaling_lab.trial import run_group
 
         run_group(group)
-        return {"trials": len(group["trials"])}
+        return
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from scaling_lab.trial import train_worker_loop
 
-    resources = TrialConfig.from_dict(group["trials"][0]).resources
-    ids = "".join(t_id for t_id in (TrialConfig.from_dict(t).trial_id for t in group["trials"]))
+    resources = spec_lib.build(Resources, group["resources"])
+    identity = group.get("lane") or [TrialConfig.from_dict(t).trial_id for t in group["trials"]]
     TorchTrainer(
         train_worker_loop,
         train_loop_config=group,
@@ -131,12 +158,11 @@ def run_group_trainable(config: dict) -> dict:
             resources_per_worker=_worker_resources(resources),
         ),
         run_config=RunConfig(
-            name=f"group-{hashlib.sha256(ids.encode()).hexdigest()[:16]}",
+            name=f"group-{hashlib.sha256(json.dumps([group['run_id'], identity]).encode()).hexdigest()[:16]}",
             **ray_storage(results.Store(group["results_dir"])),
             failure_config=FailureConfig(max_failures=group["max_retries"]),
         ),
     ).fit()
-    return {"trials": len(group["trials"])}
 
 
 def _group_request(config: dict):
@@ -144,7 +170,7 @@ def _group_request(config: dict):
 
     group = config["group"]
     if group["backend"] == "simulated":
-        return tune.PlacementGroupFactory([_worker_resources(TrialConfig.from_dict(group["trials"][0]).resources)])
+        return tune.PlacementGroupFactory([_worker_resources(spec_lib.build(Resources, group["resources"]))])
     return tune.PlacementGroupFactory([{"memory": GROUP_DRIVER_MEMORY}])
 
 
@@ -194,9 +220,12 @@ def check_results_dir(spec: StudySpec, store: results.Store) -> list[str]:
     return changed
 
 
-def set_aside_failures(spec: StudySpec, store: results.Store) -> list[str]:
-    """Move the rows of the grid's failed trials (error, oom) to failed/, so that they run again."""
-    wanted = {t.trial_id for t in expand(spec)}
+def set_aside_failures(spec: StudySpec, results_dir: str) -> list[str]:
+    """Move the rows of the study's failed trials (error, oom) to failed/, so that they run again."""
+    from scaling_lab.study.adaptive import study_trial_ids
+
+    store = results.Store(results_dir)
+    wanted = set(study_trial_ids(spec, results_dir))
     rows = results.read_trials(store).select(["trial_id", "status"]).to_pylist()
     failed = [r["trial_id"] for r in rows if r["status"] in ("error", "oom") and r["trial_id"] in wanted]
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -250,10 +279,13 @@ def run(spec: StudySpec, options: RunOptions) -> str:
     store = results.Store(results_dir)
     changed = check_results_dir(spec, store)
     if options.retry_failed:
-        retried = set_aside_failures(spec, store)
+        retried = set_aside_failures(spec, results_dir)
         print(f"failed trials to run again: {len(retried)}; their rows are kept in {store.path(results.FAILED)}")
     trials, todo = pending_trials(spec, results_dir)
-    if changed:
+    if changed and spec.search.method == "adaptive":
+        print(f"the spec changed since the last run in {results_dir}: {', '.join(changed)}; finished rows are kept, "
+              f"and the search goes on from those that fit the current spec")
+    elif changed:
         outside = len(results.completed_ids(store) - {t.trial_id for t in trials})
         print(f"the spec changed since the last run in {results_dir}: {', '.join(changed)}; finished rows are kept "
               f"({outside} not in the current grid); {len(todo)} of {len(trials)} trials to run")
@@ -281,7 +313,7 @@ def _run_rounds(spec: StudySpec, options: RunOptions, results_dir: str, trials: 
     run_id = uuid.uuid4().hex
     try:
         slots = concurrency(spec, ray.cluster_resources())
-        commit = git_commit(options.base_dir)
+        settings = group_settings(spec, options, results_dir, git_commit(options.base_dir), run_id)
         with progress.LiveProgress(results_dir, [t.trial_id for t in trials], slots) as live:
             # Rounds: run the free trials; wait for those another driver runs, and run any it abandons.
             left_after_last_round = elsewhere_noted = None
@@ -299,12 +331,16 @@ def _run_rounds(spec: StudySpec, options: RunOptions, results_dir: str, trials: 
                     time.sleep(WAIT_POLL_S)
                     left_after_last_round = None
                     continue
-                groups = group_trials(runnable, spec.execution.trials_per_group, slots)
-                group_dicts = [_group_dict(spec, g, options, results_dir, commit, run_id) for g in groups]
+                queue = f"trial-queue-{run_id}-{round_number}"
+                by_shape = defaultdict(list)
+                for trial in runnable:
+                    by_shape[shape_of(trial)].append(trial.to_dict())
+                queue_actor = trial_queue.start(queue, by_shape)
+                groups = lane_dicts(settings, runnable, spec.execution.trials_per_group, slots, queue, round_number)
                 live.note(f"{len(runnable)} of {len(trials)} trials to run in {len(groups)} groups, {slots} at a time")
                 tuner = tune.Tuner(
                     tune.with_resources(run_group_trainable, _group_request),
-                    param_space={"group": tune.grid_search(group_dicts)},
+                    param_space={"group": tune.grid_search(groups)},
                     tune_config=tune.TuneConfig(max_concurrent_trials=slots, trial_dirname_creator=_tune_dirname),
                     run_config=tune.RunConfig(
                         name=f"tune-{run_id[:12]}-{round_number}",
@@ -314,6 +350,7 @@ def _run_rounds(spec: StudySpec, options: RunOptions, results_dir: str, trials: 
                     ),
                 )
                 outcome = tuner.fit()
+                ray.kill(queue_actor)
                 failed_groups = [r.error for r in outcome if r.error is not None]
                 if failed_groups:
                     raise GroupsFailed(f"{len(failed_groups)} of {len(groups)} trial groups failed after retries; "

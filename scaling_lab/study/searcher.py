@@ -105,11 +105,11 @@ def run_adaptive(spec: StudySpec, options: runner.RunOptions, results_dir: str) 
     started = time.monotonic()
     try:
         slots = runner.concurrency(spec, ray.cluster_resources())
-        commit = runner.git_commit(options.base_dir)
+        settings = runner.group_settings(spec, options, results_dir, runner.git_commit(options.base_dir), run_id)
 
         def make_groups(todo: list[TrialConfig]) -> list[dict]:
             groups = runner.group_trials(todo, spec.execution.trials_per_group, slots)
-            return [runner._group_dict(spec, g, options, results_dir, commit, run_id) for g in groups]
+            return [runner.group_dict(settings, group) for group in groups]
 
         def note(text: str) -> None:
             print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
