@@ -35,10 +35,13 @@ class TrialQueue:
 
 
 def start(name: str, trials_by_shape: dict[str, list[dict]]):
-    """The queue as a named actor (no CPU of its own), which the worker groups look up by name."""
+    """The queue as a named actor (no CPU of its own), which the worker groups look up by name. It lives on the
+    driver's node, which the study cannot outlive anyway, and not on a worker node that may go away."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(TrialQueue).options(name=name).remote(trials_by_shape)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(TrialQueue).options(name=name, scheduling_strategy=here).remote(trials_by_shape)
 
 
 def _queue(name: str):
