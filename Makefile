@@ -24,4 +24,4 @@ demo: install
 	$(PY) -m scaling_lab.analysis fit results/default
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15

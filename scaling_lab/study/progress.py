@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
+
 import pandas as pd
 
 from scaling_lab import results
@@ -33,17 +35,32 @@ class Snapshot:
         )
 
 
-def snapshot(results_dir: str, trial_ids: list[str]) -> Snapshot:
+def snapshot(results_dir: str, trial_ids: list[str], statuses: dict[str, str] | None = None) -> Snapshot:
+    """Counts of the study's trials by status; `statuses` (trial id → status) saves reading every row."""
+    if statuses is None:
+        rows = results.read_trials(results_dir).select(["trial_id", "status"]).to_pylist()
+        statuses = {row["trial_id"]: row["status"] for row in rows}
     wanted = set(trial_ids)
-    rows = results.read_trials(results_dir).select(["trial_id", "status"]).to_pylist()
-    by_status: dict[str, int] = {}
-    for row in rows:
-        if row["trial_id"] in wanted:
-            by_status[row["status"]] = by_status.get(row["status"], 0) + 1
-    finished = {r["trial_id"] for r in rows}
+    by_status = dict(Counter(status for trial_id, status in statuses.items() if trial_id in wanted))
     claimed = (name.removesuffix(".json") for name in results.Store(results_dir).list(results.CLAIMS, ".json"))
-    running = sum(1 for t in claimed if t in wanted and t not in finished)
+    running = sum(1 for t in claimed if t in wanted and t not in statuses)
     return Snapshot(total=len(wanted), by_status=by_status, running=running)
+
+
+class RowStatuses:
+    """Each finished trial's status, read once from its row, since a row is written once: polling a study
+    of many trials then costs a directory listing, not a read of every row (which took seconds of CPU)."""
+
+    def __init__(self, results_dir: str):
+        self.store = results.Store(results_dir)
+        self.by_name: dict[str, str] = {}
+
+    def current(self) -> dict[str, str]:
+        names = set(self.store.list(results.TRIALS, ".parquet"))
+        self.by_name = {name: status for name, status in self.by_name.items() if name in names}
+        for name in names - self.by_name.keys():
+            self.by_name[name] = self.store.read_table(f"{results.TRIALS}/{name}").column("status")[0].as_py()
+        return {name.removesuffix(".parquet"): status for name, status in self.by_name.items()}
 
 
 def _duration(seconds: float) -> str:
@@ -61,12 +78,13 @@ class LiveProgress:
         self._started = time.monotonic()
         self._done_at_start = 0
         self._last = ""
+        self._statuses = RowStatuses(results_dir)
 
     def note(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     def _report(self) -> None:
-        snap = snapshot(self.results_dir, self.trial_ids)
+        snap = snapshot(self.results_dir, self.trial_ids, self._statuses.current())
         elapsed = time.monotonic() - self._started
         finished_now = snap.done - self._done_at_start
         left = snap.total - snap.done
@@ -81,7 +99,7 @@ class LiveProgress:
             self._report()
 
     def __enter__(self) -> LiveProgress:
-        self._done_at_start = snapshot(self.results_dir, self.trial_ids).done
+        self._done_at_start = snapshot(self.results_dir, self.trial_ids, self._statuses.current()).done
         self._thread.start()
         return self
 
