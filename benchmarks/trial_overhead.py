@@ -44,58 +44,27 @@ def bare_loop(spec_path: Path, cache_dir: Path) -> None:
     """The trials as a plain PyTorch + PEFT loop; prints when each trial started and ended (JSON)."""
     import torch
 
-    from scaling_lab import data, models
     from scaling_lab import spec as spec_lib
     from scaling_lab.grid import expand
-    from scaling_lab.train import lora_model
+    from scaling_lab.reference_loop import train_losses
 
     torch.set_num_threads(1)
     times = []
     for config in expand(spec_lib.load(spec_path)):
         started = time.time()
-        base = models.load_base(config.model, cache_dir)
-        task = data.load_task(config.data, kind="causal_lm", tokenizer=None, vocab_size=base.vocab_size,
-                              seq_len=config.training.seq_len, base_dir=ROOT)
-        torch.manual_seed(config.seed)
-        model = lora_model(config, base)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
-        batches = data.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
-        evaluate(model, task.eval, config)
-        for step in range(1, config.training.total_steps + 1):
-            loss = model(**next(batches)).loss
-            loss.backward()
-            if config.optimizer.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad()
-            if step % config.training.eval_every == 0:
-                evaluate(model, task.eval, config)
+        train_losses(config, cache_dir, ROOT, evaluate=True)
         times.append([started, time.time()])
     print(json.dumps(times))
 
 
-def evaluate(model, split, config) -> float:
-    import torch
-
-    count = config.training.eval_batches * config.training.batch_size
-    model.eval()
-    with torch.no_grad():
-        losses = [model(**{k: v[i : i + config.training.batch_size] for k, v in split.items()}).loss.item()
-                  for i in range(0, count, config.training.batch_size)]
-    model.train()
-    return sum(losses) / len(losses)
-
-
 def warm_up(spec: dict, cache_dir: Path) -> None:
     """Build what either side would otherwise build on its first run: the cached base model, DeepSpeed's CPU op."""
-    from deepspeed.comm.torch import build_shm_op
-
     from scaling_lab import models
     from scaling_lab import spec as spec_lib
+    from scaling_lab.train import build_deepspeed_ops
 
     models.load_base(spec_lib.parse(spec).models[0], cache_dir)
-    build_shm_op()
+    build_deepspeed_ops()
 
 
 def timed(command: list[str], cwd: Path) -> tuple[float, float, str]:

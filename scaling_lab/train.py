@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,30 @@ def ensure_process_group() -> None:
         port = probe.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def import_deepspeed():
+    """DeepSpeed, set up so that the op it compiles on first use (its CPU comm op, about a minute) is built once
+    per Python environment: into the environment, not torch's ~/.cache/torch_extensions that all environments
+    share, and by the environment's own ninja (a DeepSpeed dependency), not whichever ninja comes first on PATH:
+    two ninja versions rebuild each other's output."""
+    if os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    scripts = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja", path=scripts) and not path.startswith(scripts + os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + path
+    import deepspeed  # imported late: importing it where no accelerator is set up has crashed some versions
+
+    return deepspeed
+
+
+def build_deepspeed_ops() -> None:
+    """Build now what the first trial would otherwise build (`make install` runs this)."""
+    import_deepspeed()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
@@ -83,6 +109,12 @@ def lr_lambda(config: TrialConfig, total_steps: int):
     return factor
 
 
+def clips_outside_deepspeed(config: TrialConfig) -> bool:
+    """At ZeRO-0 in fp32, DeepSpeed clips parameter by parameter in Python (about 5% of a tiny trial's loop);
+    torch's clip_grad_norm_ does the same to the full gradients, which DeepSpeed's backward has averaged."""
+    return config.deepspeed.zero_stage == 0 and config.deepspeed.precision == "fp32"
+
+
 def deepspeed_config(config: TrialConfig, world_size: int) -> dict:
     batch, stage = config.training.batch_size, config.deepspeed.zero_stage
     zero: dict = {"stage": stage}
@@ -99,7 +131,8 @@ def deepspeed_config(config: TrialConfig, world_size: int) -> dict:
         "fp16": {"enabled": config.deepspeed.precision == "fp16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
-        "gradient_clipping": config.optimizer.grad_clip or 0.0,  # DeepSpeed clips at 1.0 where this is left out
+        # DeepSpeed clips at 1.0 where this is left out
+        "gradient_clipping": 0.0 if clips_outside_deepspeed(config) else config.optimizer.grad_clip or 0.0,
     }
     if "offload_optimizer" in zero:
         # Keep the trial's own torch optimizer, so that offloading does not change the update; it steps only
@@ -145,8 +178,7 @@ def _probe_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
               checkpoints: checkpoint.TrialCheckpoints | None = None,
               should_stop: Callable[[int, float], bool] | None = None) -> TrainOutcome:
-    import deepspeed  # imported here: importing it where no accelerator is set up has crashed some versions
-
+    deepspeed = import_deepspeed()
     ensure_process_group()
     rank, world_size = world()
     if config.training.batch_size % world_size:
@@ -190,6 +222,7 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
         trainable_params=sum(p.numel() for p in trainable),
     )
     micro = config.training.batch_size // world_size
+    clip_here = config.optimizer.grad_clip if clips_outside_deepspeed(config) else None
     batches = data_lib.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
     eval_loss, eval_accuracy = evaluate(engine, task.eval, config, device)
     outcome.initial_eval_loss = eval_loss
@@ -214,6 +247,8 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
         engine.backward(loss)
         if diagnose:
             measured = diagnostics.norms(adapters, deepspeed.utils.safe_get_full_grad)
+        if clip_here:
+            torch.nn.utils.clip_grad_norm_(trainable, clip_here)
         engine.step()
         if diagnose:
             measured.update(signal_drift.after())

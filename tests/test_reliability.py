@@ -112,6 +112,15 @@ def test_worker_groups_of_one_round_leave_each_other_s_trials_alone(tmp_path):
     assert claims.acquire(store, "t1", run_id="driver-b", lane=(0, 0)) is None  # another driver's group
 
 
+def test_a_round_hands_out_higher_ranks_first_and_keeps_the_grid_order_otherwise():
+    spec = spec_lib.parse({"name": "order", "models": [{"name": "xs", "source": "tiny:xs"}],
+                           "grid": {"ranks": [1, 16, 4], "alphas": [8, 64], "seeds": [0, 1]}})
+    trials = expand(spec)
+    ordered = runner.longest_first(trials)
+    assert [t.rank for t in ordered] == [16] * 4 + [4] * 4 + [1] * 4
+    assert [(t.alpha, t.seed) for t in ordered if t.rank == 4] == [(t.alpha, t.seed) for t in trials if t.rank == 4]
+
+
 def test_a_heartbeat_keeps_a_long_trial_claimed_and_stops_once_the_claim_is_lost(tmp_path):
     store = results.Store(tmp_path)
     claim = claims.acquire(store, "t1", run_id="driver-a", timeout_s=0.4)

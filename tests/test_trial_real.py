@@ -50,35 +50,9 @@ def test_a_trial_gives_identical_results_packed_or_alone(tmp_path, tiny_cache):
     assert packed_row.equals(alone_row)
 
 
-def plain_pytorch_losses(config, cache_dir: Path) -> list[float]:
-    """The training losses of a trial as a plain PyTorch + PEFT loop computes them."""
-    import torch
-
-    from scaling_lab import data, models
-    from scaling_lab.train import lora_model
-
-    base = models.load_base(config.model, cache_dir)
-    task = data.load_task(config.data, kind="causal_lm", tokenizer=None, vocab_size=base.vocab_size,
-                          seq_len=config.training.seq_len, base_dir=ROOT)
-    torch.manual_seed(config.seed)
-    model = lora_model(config, base)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
-    batches = data.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
-    losses = []
-    for _ in range(config.training.total_steps):
-        loss = model(**next(batches)).loss
-        loss.backward()
-        if config.optimizer.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-@pytest.mark.parametrize("grad_clip", [None, 1.0, 0.01])
-def test_the_deepspeed_loop_computes_what_a_plain_pytorch_loop_computes(tiny_cache, grad_clip):
+@pytest.mark.parametrize(("zero_stage", "grad_clip"), [(0, None), (0, 1.0), (0, 0.01), (2, 0.01)])
+def test_the_deepspeed_loop_computes_what_a_plain_pytorch_loop_computes(tiny_cache, zero_stage, grad_clip):
+    from scaling_lab.reference_loop import train_losses
     from scaling_lab.train import fine_tune
 
     spec = spec_lib.parse({
@@ -86,13 +60,14 @@ def test_the_deepspeed_loop_computes_what_a_plain_pytorch_loop_computes(tiny_cac
         "grid": {"ranks": [4], "alphas": [4096], "seeds": [0]},  # large enough α that the gradient norm exceeds 1
         "optimizer": {"grad_clip": grad_clip},
         "training": {"steps": 8, "batch_size": 8, "eval_every": 8, "eval_batches": 1, "diagnostics_every": 0},
+        "deepspeed": {"zero_stage": zero_stage},  # ZeRO-0 clips with torch, ZeRO-2 with DeepSpeed's own code
     })
     (config,) = expand(spec)
     through_deepspeed = [p["train_loss"] for p in fine_tune(config, tiny_cache, ROOT).curve if "train_loss" in p]
-    expected = plain_pytorch_losses(config, tiny_cache)
+    expected = train_losses(config, tiny_cache, ROOT)
     assert through_deepspeed == pytest.approx(expected, rel=1e-5)  # summation order differs: not bit-identical
-    unclipped = plain_pytorch_losses(dataclasses.replace(
-        config, optimizer=dataclasses.replace(config.optimizer, grad_clip=None)), tiny_cache)
+    unclipped = train_losses(dataclasses.replace(
+        config, optimizer=dataclasses.replace(config.optimizer, grad_clip=None)), tiny_cache, ROOT)
     if grad_clip is not None:  # the cap binds here, and changes the curve by far more than the tolerance
         assert max(abs(a / b - 1) for a, b in zip(through_deepspeed, unclipped)) > 1e-3
 

@@ -69,13 +69,24 @@ def group_counts(trials: list[TrialConfig], per_group: int, slots: int) -> dict[
     return counts
 
 
-def group_trials(trials: list[TrialConfig], per_group: int, slots: int) -> list[list[TrialConfig]]:
-    """Fixed groups of trials of one shape (see group_counts), dealt round-robin so that groups take alike time."""
-    counts = group_counts(trials, per_group, slots)
+def longest_first(trials: list[TrialConfig]) -> list[TrialConfig]:
+    """The order a round's queue hands trials out: higher ranks, the longer trials, first, so that a round ends
+    on short trials instead of one slot finishing a long one while the others wait; otherwise the grid's order."""
+    return sorted(trials, key=lambda trial: -trial.rank)
+
+
+def trials_by_shape(trials: list[TrialConfig]) -> dict[str, list[TrialConfig]]:
     by_shape: dict[str, list[TrialConfig]] = defaultdict(list)
     for trial in trials:
         by_shape[shape_of(trial)].append(trial)
-    return [members[i :: counts[shape]] for shape, members in by_shape.items() for i in range(counts[shape])]
+    return by_shape
+
+
+def group_trials(trials: list[TrialConfig], per_group: int, slots: int) -> list[list[TrialConfig]]:
+    """Fixed groups of trials of one shape (see group_counts), dealt round-robin so that groups take alike time."""
+    counts = group_counts(trials, per_group, slots)
+    return [members[i :: counts[shape]] for shape, members in trials_by_shape(trials).items()
+            for i in range(counts[shape])]
 
 
 def concurrency(spec: StudySpec, cluster: dict[str, float]) -> int:
@@ -332,10 +343,9 @@ def _run_rounds(spec: StudySpec, options: RunOptions, results_dir: str, trials: 
                     left_after_last_round = None
                     continue
                 queue = f"trial-queue-{run_id}-{round_number}"
-                by_shape = defaultdict(list)
-                for trial in runnable:
-                    by_shape[shape_of(trial)].append(trial.to_dict())
-                queue_actor = trial_queue.start(queue, by_shape)
+                ordered = trials_by_shape(longest_first(runnable))
+                queue_actor = trial_queue.start(queue, {shape: [t.to_dict() for t in members]
+                                                        for shape, members in ordered.items()})
                 groups = lane_dicts(settings, runnable, spec.execution.trials_per_group, slots, queue, round_number)
                 live.note(f"{len(runnable)} of {len(trials)} trials to run in {len(groups)} groups, {slots} at a time")
                 tuner = tune.Tuner(
@@ -349,8 +359,10 @@ def _run_rounds(spec: StudySpec, options: RunOptions, results_dir: str, trials: 
                         verbose=0,
                     ),
                 )
-                outcome = tuner.fit()
-                ray.kill(queue_actor)
+                try:
+                    outcome = tuner.fit()
+                finally:
+                    ray.kill(queue_actor)
                 failed_groups = [r.error for r in outcome if r.error is not None]
                 if failed_groups:
                     raise GroupsFailed(f"{len(failed_groups)} of {len(groups)} trial groups failed after retries; "

@@ -44,18 +44,12 @@ def start(name: str, trials_by_shape: dict[str, list[dict]]):
     return ray.remote(num_cpus=0)(TrialQueue).options(name=name, scheduling_strategy=here).remote(trials_by_shape)
 
 
-def _queue(name: str):
-    import ray
-
-    return ray.get_actor(name)
-
-
 def offered(group: dict) -> Iterator[dict]:
     """The trials a worker group takes from its round's queue, one at a time, starting with the one it took
     last if it is a restart."""
     import ray
 
-    queue, again = _queue(group["queue"]), True
+    queue, again = ray.get_actor(group["queue"]), True
     while (trial := ray.get(queue.take.remote(group["shape"], group["lane"], again))) is not None:
         again = False
         yield trial
@@ -64,4 +58,4 @@ def offered(group: dict) -> Iterator[dict]:
 def left(group: dict) -> int:
     import ray
 
-    return ray.get(_queue(group["queue"]).left.remote(group["shape"], group["lane"]))
+    return ray.get(ray.get_actor(group["queue"]).left.remote(group["shape"], group["lane"]))

@@ -1,0 +1,51 @@
+"""A trial as a plain PyTorch + PEFT loop, without Ray or DeepSpeed: what the platform's training loop must
+compute (tests/test_trial_real.py) and what it is timed against (benchmarks/trial_overhead.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from scaling_lab import data, models
+from scaling_lab.grid import TrialConfig
+from scaling_lab.train import lora_model
+
+
+def train_losses(config: TrialConfig, cache_dir: Path, base_dir: Path, evaluate: bool = False) -> list[float]:
+    """The trial's training losses; with `evaluate`, also the held-out passes the platform's loop makes (at step 0,
+    every eval_every steps and at the end), for the same amount of work."""
+    base = models.load_base(config.model, cache_dir)
+    task = data.load_task(config.data, kind="causal_lm", tokenizer=None, vocab_size=base.vocab_size,
+                          seq_len=config.training.seq_len, base_dir=base_dir)
+    torch.manual_seed(config.seed)
+    model = lora_model(config, base)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
+    batches = data.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
+    total_steps = config.training.total_steps
+    if evaluate:
+        held_out_loss(model, task.eval, config)
+    losses = []
+    for step in range(1, total_steps + 1):
+        loss = model(**next(batches)).loss
+        loss.backward()
+        if config.optimizer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if evaluate and (step % config.training.eval_every == 0 or step == total_steps):
+            held_out_loss(model, task.eval, config)
+    return losses
+
+
+def held_out_loss(model, split: dict[str, torch.Tensor], config: TrialConfig) -> float:
+    batch_size = config.training.batch_size
+    count = config.training.eval_batches * batch_size
+    model.eval()
+    with torch.no_grad():
+        losses = [model(**{k: v[i : i + batch_size] for k, v in split.items()}).loss.item()
+                  for i in range(0, count, batch_size)]
+    model.train()
+    return sum(losses) / len(losses)
