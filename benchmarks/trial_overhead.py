@@ -46,13 +46,13 @@ def bare_loop(spec_path: Path, cache_dir: Path) -> None:
 
     from scaling_lab import spec as spec_lib
     from scaling_lab.grid import expand
-    from scaling_lab.reference_loop import train_losses
+    from scaling_lab import reference_loop
 
     torch.set_num_threads(1)
     times = []
     for config in expand(spec_lib.load(spec_path)):
         started = time.time()
-        train_losses(config, cache_dir, ROOT, evaluate=True)
+        reference_loop.run(config, cache_dir, ROOT, evaluate=True)
         times.append([started, time.time()])
     print(json.dumps(times))
 

@@ -17,7 +17,7 @@ SPEC = {
     "models": [{"name": "xs", "source": "tiny:xs"}],
     "grid": {"ranks": [1, 4, 16], "alphas": {"min": 1, "max": 4096, "num": 7}, "seeds": [0, 1]},
     "training": {"steps": 20, "eval_every": 5},
-    "execution": {"backend": "simulated", "trials_per_group": 8},
+    "execution": {"backend": "simulated", "trials_per_group": 21},
 }
 
 

@@ -52,7 +52,7 @@ def test_a_trial_gives_identical_results_packed_or_alone(tmp_path, tiny_cache):
 
 @pytest.mark.parametrize(("zero_stage", "grad_clip"), [(0, None), (0, 1.0), (0, 0.01), (2, 0.01)])
 def test_the_deepspeed_loop_computes_what_a_plain_pytorch_loop_computes(tiny_cache, zero_stage, grad_clip):
-    from scaling_lab.reference_loop import train_losses
+    from scaling_lab.reference_loop import run
     from scaling_lab.train import fine_tune
 
     spec = spec_lib.parse({
@@ -64,10 +64,10 @@ def test_the_deepspeed_loop_computes_what_a_plain_pytorch_loop_computes(tiny_cac
     })
     (config,) = expand(spec)
     through_deepspeed = [p["train_loss"] for p in fine_tune(config, tiny_cache, ROOT).curve if "train_loss" in p]
-    expected = train_losses(config, tiny_cache, ROOT)
+    expected = run(config, tiny_cache, ROOT).train_losses
     assert through_deepspeed == pytest.approx(expected, rel=1e-5)  # summation order differs: not bit-identical
-    unclipped = train_losses(dataclasses.replace(
-        config, optimizer=dataclasses.replace(config.optimizer, grad_clip=None)), tiny_cache, ROOT)
+    no_clipping = dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, grad_clip=None))
+    unclipped = run(no_clipping, tiny_cache, ROOT).train_losses
     if grad_clip is not None:  # the cap binds here, and changes the curve by far more than the tolerance
         assert max(abs(a / b - 1) for a, b in zip(through_deepspeed, unclipped)) > 1e-3
 
