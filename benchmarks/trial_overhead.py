@@ -44,9 +44,9 @@ def bare_loop(spec_path: Path, cache_dir: Path) -> None:
     """The trials as a plain PyTorch + PEFT loop; prints when each trial started and ended (JSON)."""
     import torch
 
+    from scaling_lab import reference_loop
     from scaling_lab import spec as spec_lib
     from scaling_lab.grid import expand
-    from scaling_lab import reference_loop
 
     torch.set_num_threads(1)
     times = []
