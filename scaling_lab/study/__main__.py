@@ -36,7 +36,7 @@ def cmd_plan(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from scaling_lab.study.runner import GroupsFailed, RunOptions, run
+    from scaling_lab.study.runner import GroupsFailed, RunOptions, TrialsFailed, run
 
     spec = _load(args)
     options = RunOptions(
@@ -52,7 +52,12 @@ def cmd_run(args) -> None:
     except GroupsFailed:
         print(progress.summary(results_dir, study_trial_ids(spec, results_dir)))
         raise
-    print(progress.summary(results_dir, study_trial_ids(spec, results_dir)))
+    trial_ids = study_trial_ids(spec, results_dir)
+    print(progress.summary(results_dir, trial_ids))
+    failed = progress.snapshot(results_dir, trial_ids).failed
+    if failed:
+        raise TrialsFailed(f"{failed} trials failed (error or oom): `status {results_dir}` says why, and "
+                           f"`run --retry-failed` runs them again")
 
 
 def cmd_status(args) -> None:
@@ -114,16 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     submit.set_defaults(func=cmd_submit)
     args = parser.parse_args(argv)
     from scaling_lab.data import DataError
-    from scaling_lab.study.runner import GroupsFailed
+    from scaling_lab.study.runner import GroupsFailed, TrialsFailed
 
     try:
         args.func(args)
     except (spec_lib.SpecError, results.ResultsError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except GroupsFailed as exc:
+    except (GroupsFailed, TrialsFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are kept; run the same command again to continue", file=sys.stderr)
+        return 130
     return 0
 
 
