@@ -16,10 +16,11 @@ from scaling_lab.analysis.conventions import (
 )
 from scaling_lab.analysis.equivalence import VERDICT_LABELS, WINDOW_DOUBLINGS
 from scaling_lab.analysis.fit import StudyFit, TestedLaw
+from scaling_lab.analysis.hypotheses import mu_a_exponent
 from scaling_lab.analysis.optimum import CellOptimum
 from scaling_lab.analysis.powerlaw import NoLaw, PowerLaw, Prediction
 
-LAW_FORMAT_VERSION = 1
+LAW_FORMAT_VERSION = 2  # 2: the metric and its origin, the study spec, bootstrap resamples of each law
 MAX_TERMINAL_CELLS = 40
 VERSIONED_PACKAGES = ["scaling_lab", "numpy", "scipy", "pandas", "pyarrow", "matplotlib"]
 
@@ -61,6 +62,7 @@ def format_terminal(fit: StudyFit, written: Sequence[Path] = ()) -> str:
             f"  metric {res.metric} ({'higher' if res.maximize else 'lower'} is better) · "
             f"{settings.n_bootstrap} bootstrap resamples, seed {settings.seed}"
         ),
+        f"  metric from {res.metric_origin}",
         f"  {CONVENTION_DESCRIPTIONS[settings.convention]}",
         "",
     ]
@@ -68,7 +70,7 @@ def format_terminal(fit: StudyFit, written: Sequence[Path] = ()) -> str:
     for tested in fit.alpha_laws + fit.joint_laws:
         lines += [""] + _law_lines(tested)
     if fit.learning_rate_laws:
-        lines += ["", "learning-rate laws (lr* against rank at fixed α)"]
+        lines += ["", "learning-rate laws (lr* against rank at the scaling rule and α the grid set)"]
         lines += ["  " + _law_summary(t.law) for t in fit.learning_rate_laws if isinstance(t.law, PowerLaw)]
         lines += [
             "  " + line for line in _no_law_summary([t.law for t in fit.learning_rate_laws if isinstance(t.law, NoLaw)])
@@ -125,7 +127,7 @@ def _cell_rows(fit: StudyFit, cells: Sequence[CellOptimum], near_optimal: bool =
         rows.append(
             [
                 cell.model,
-                *(_number(value) for _, value in cell.held_fixed),
+                *(value if isinstance(value, str) else _number(value) for _, value in cell.held_fixed),
                 str(cell.rank),
                 _number(cell.optimum),
                 _interval_text(cell.optimum_low, cell.optimum_high),
@@ -272,6 +274,29 @@ def format_predictions(
     return "\n".join(lines)
 
 
+def format_stored_predictions(
+    document: dict, path: Path, laws: Sequence, ranks: Sequence[float], model_params: float | None
+) -> str:
+    """Predictions from the laws of a law.json (adapter.StoredLaw), as format_predictions shows a fit's."""
+    convention = document["convention"]["name"]
+    symbol = CONVENTION_SYMBOLS[convention]
+    rows, notices = [], {}
+    for law in laws:
+        for rank in ranks:
+            p = law.predict(rank, model_params)
+            rows.append([f"{law.group_label()} ({law.formula()})", f"{rank:g}",
+                         *([f"{model_params:.3g}"] if model_params is not None else []),
+                         _number(p.value), _interval_text(p.low, p.high)])
+            notices.update(dict.fromkeys(p.warnings))
+    metric = (document.get("metric") or {}).get("column")
+    lines = [f"{symbol}* ({CONVENTION_DESCRIPTIONS[convention]}) from {path}, fitted on {document.get('source')}"
+             + (f" (metric {metric})" if metric else "")]
+    header = ["law", "rank", *(["N"] if model_params is not None else []), f"{symbol}*", "95% CI"]
+    lines += ["  " + line for line in _aligned(header, rows)]
+    lines += [f"  ! {w}" for w in notices]
+    return "\n".join(lines)
+
+
 def law_document(fit: StudyFit) -> dict:
     """Everything law.json holds: laws with intervals and rules, the cells behind them, data, settings, versions."""
     convention = fit.settings.convention
@@ -280,6 +305,12 @@ def law_document(fit: StudyFit) -> dict:
     document = {
         "format_version": LAW_FORMAT_VERSION,
         "source": str(fit.results.source),
+        "metric": {
+            "column": fit.results.metric,
+            "goal": "maximize" if fit.results.maximize else "minimize",
+            "origin": fit.results.metric_origin,
+        },
+        "study_spec": fit.results.study_spec,
         "convention": {
             "name": convention,
             "description": CONVENTION_DESCRIPTIONS[convention],
@@ -496,7 +527,7 @@ def format_markdown(fit: StudyFit, plot_names: Sequence[str]) -> str:
         "## Data",
         "",
         f"- {_data_line(fit)}",
-        f"- metric: `{res.metric}` ({'higher' if res.maximize else 'lower'} is better)",
+        f"- metric: `{res.metric}` ({'higher' if res.maximize else 'lower'} is better), from {res.metric_origin}",
     ]
     lines += [f"- {CONVENTION_DESCRIPTIONS[convention]}: every law below is stated in these terms"]
     if len(res.scaling_rules) > 1:
@@ -524,7 +555,8 @@ def format_markdown(fit: StudyFit, plot_names: Sequence[str]) -> str:
         lines += ["## Training diagnostics", "", DIAGNOSTICS_TEXT, ""] + _figure(SECTION_PLOTS[1])
     lines += ["## Optimum per cell", ""] + _markdown_cells(fit, fit.alpha_cells, "α*") + [""]
     if fit.learning_rate_is_axis:
-        lines += ["## Learning rate", "", "lr* against rank at each fixed α (in the convention above).", ""]
+        lines += ["## Learning rate", "", LEARNING_RATE_TEXT, ""]
+        lines += _markdown_mu_a(fit) + [""]
         for tested in fit.learning_rate_laws:
             lines += _markdown_law(tested) + [""]
         lines += _markdown_cells(fit, fit.learning_rate_cells, "lr*") + [""]
@@ -543,6 +575,27 @@ def format_markdown(fit: StudyFit, plot_names: Sequence[str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+LEARNING_RATE_TEXT = """\
+lr* against rank at the setting as run: one law per scaling rule and α value the grid set (the α column is that
+α, not the convention above), so that a study under α/r, α/√r or a fixed scale each gets its lr*(r) law.
+μA (Chen, Villar, Hayou, arXiv 2602.06204): with A random and B zero, a multiplier r^-γ on B·A gives
+lr* ∝ r^-(1-γ)/2; a fixed α under α/r, α/√r and a fixed scale is γ = 1, 1/2, 0, so lr* ∝ r^0, r^-1/4, r^-1/2."""
+
+
+def _markdown_mu_a(fit: StudyFit) -> list[str]:
+    header = ["law", "k", "95% CI", "μA's k", "inside the CI"]
+    rows = []
+    for tested in fit.learning_rate_laws:
+        law = tested.law
+        if not isinstance(law, PowerLaw):
+            continue
+        predicted = mu_a_exponent(law)
+        low, high = law.k_ci
+        inside = "—" if not (math.isfinite(low) and math.isfinite(high)) else ("yes" if low <= predicted <= high else "no")
+        rows.append([law.group_label(), f"{law.k:.3f}", _exponent_interval(law.k_ci), f"{predicted:g}", inside])
+    return _markdown_table(header, rows) if rows else []
 
 
 def _headline(fit: StudyFit) -> str:
