@@ -128,6 +128,13 @@ def _test(law: PowerLaw, name: str, description: str, exponent: float | None, ma
     )
 
 
+def rule_coefficients(law: PowerLaw, exponent: float) -> np.ndarray:
+    """log c, k[, m] of the rule k = `exponent` fitted to the law's cells (c, and m, free)."""
+    y = np.log([cell.optimum for cell in law.cells])
+    weights = 1.0 / np.array([cell.log_sigma for cell in law.cells]) ** 2
+    return _fit(_design(law), y, weights, exponent)
+
+
 def _design(law: PowerLaw) -> np.ndarray:
     return np.stack(
         [law.design_row(cell.rank, getattr(cell, law.size_measure) if law.size_measure else None) for cell in law.cells]

@@ -14,6 +14,7 @@ from scaling_lab.analysis.conventions import (
     CONVENTION_EXPONENTS,
     CONVENTION_SYMBOLS,
 )
+from scaling_lab.analysis import verification
 from scaling_lab.analysis.equivalence import VERDICT_LABELS, WINDOW_DOUBLINGS
 from scaling_lab.analysis.fit import StudyFit, TestedLaw
 from scaling_lab.analysis.hypotheses import mu_a_exponent
@@ -366,11 +367,23 @@ def write_outputs(fit: StudyFit, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     law_path = out_dir / "law.json"
-    law_path.write_text(json.dumps(law_document(fit), indent=2, allow_nan=False) + "\n")
+    document = law_document(fit)
+    verified = _earlier_verification(law_path)  # written by `study verify`: a refit keeps it
+    if verified:
+        document["verification"] = verified
+    law_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     plots = write_plots(fit, out_dir)
     report_path = out_dir / "report.md"
-    report_path.write_text(format_markdown(fit, [p.name for p in plots]))
+    report = format_markdown(fit, [p.name for p in plots])
+    report_path.write_text(verification.with_section(report, verification.markdown(verified)) if verified else report)
     return [law_path, report_path, *plots]
+
+
+def _earlier_verification(law_path: Path) -> list[dict]:
+    try:
+        return json.loads(law_path.read_text()).get("verification") or []
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 PLOT_CAPTIONS = {
