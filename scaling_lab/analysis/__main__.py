@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--metric",
         default=None,
-        help=f"column to optimize (default: the study's metric from spec.yaml in the results directory, else {DEFAULT_METRIC})",
+        help=f"column to optimize (default: the study's metric from the results directory's spec.yaml, "
+        f"else {DEFAULT_METRIC})",
     )
     goal = common.add_mutually_exclusive_group()
     goal.add_argument(

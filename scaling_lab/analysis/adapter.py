@@ -58,11 +58,13 @@ class StoredLaw:
     def predict(self, rank: float, model_params: float | None = None) -> Prediction:
         if self.has_size and model_params is None:
             raise AnalysisError(f"the joint law {self.formula()} needs a model size (--model-params)")
-        parameters = np.array([math.log(self.entry["c"]), self.entry["k"]] + ([self.entry["m"]] if self.has_size else []))
+        size_term = [self.entry["m"]] if self.has_size else []
+        parameters = np.array([math.log(self.entry["c"]), self.entry["k"], *size_term])
         row = [1.0, math.log(rank)] + ([math.log(model_params)] if self.has_size else [])
         covariance = np.array(self.entry["covariance_from_residuals"], dtype=float)
         if self.has_bootstrap:
-            replicates = np.array([[math.nan if v is None else v for v in r] for r in self.entry["bootstrap_parameters"]])
+            stored = self.entry["bootstrap_parameters"]
+            replicates = np.array([[math.nan if v is None else v for v in row] for row in stored])
         else:
             replicates = np.tile(parameters, (2, 1))  # no spread: the interval comes from the covariance alone
         values, lows, highs = interval_band(parameters, covariance, replicates, int(self.entry["dof"]), np.array([row]))
@@ -175,6 +177,7 @@ def write_peft_config(
     }
     learning_rates = ((spec or {}).get("grid") or {}).get("learning_rates") or []
     group_lr = law.group.get("learning_rate")
+    single_lr = learning_rates[0] if len(learning_rates) == 1 else None
     note = {
         "what": "the optimal LoRA α predicted by a scaling_lab law, written as PEFT's adapter config beside this file",
         "rank": rank,
@@ -188,7 +191,7 @@ def write_peft_config(
         "prediction_in_law_convention": {"value": prediction.value, "ci95": [prediction.low, prediction.high]},
         "peft": {"lora_alpha": lora_alpha, "lora_alpha_ci95": [low, high], "use_rslora": use_rslora,
                  "effective_scale": lora_alpha / (math.sqrt(rank) if use_rslora else rank)},
-        "learning_rate": group_lr if group_lr is not None else (learning_rates[0] if len(learning_rates) == 1 else None),
+        "learning_rate": group_lr if group_lr is not None else single_lr,
         "learning_rate_note": "the law holds at the learning rate its trials ran at: train at it",
         "warnings": list(prediction.warnings) + ([] if spec else ["no study spec found: target_modules and "
                                                                   "lora_dropout are PEFT's defaults here"]),

@@ -606,7 +606,8 @@ def _markdown_mu_a(fit: StudyFit) -> list[str]:
             continue
         predicted = mu_a_exponent(law)
         low, high = law.k_ci
-        inside = "—" if not (math.isfinite(low) and math.isfinite(high)) else ("yes" if low <= predicted <= high else "no")
+        finite = math.isfinite(low) and math.isfinite(high)
+        inside = "—" if not finite else ("yes" if low <= predicted <= high else "no")
         rows.append([law.group_label(), f"{law.k:.3f}", _exponent_interval(law.k_ci), f"{predicted:g}", inside])
     return _markdown_table(header, rows) if rows else []
 

@@ -312,7 +312,8 @@ def record(out_dir: Path, entries: Sequence[Verification]) -> list[Path]:
     section); both must exist (written by `fit`)."""
     law_path, report_path = out_dir / "law.json", out_dir / "report.md"
     document = json.loads(law_path.read_text())
-    document["verification"] = merge_entries(document.get("verification") or [], [_finite(e.to_dict()) for e in entries])
+    new = [_finite(entry.to_dict()) for entry in entries]
+    document["verification"] = merge_entries(document.get("verification") or [], new)
     law_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     report = report_path.read_text() if report_path.exists() else ""
     report_path.write_text(with_section(report, markdown(document["verification"])))
