@@ -64,8 +64,9 @@ def test_verify_held_out_and_at_a_new_rank(tmp_path):
     law = json.loads((results_dir / "analysis/law.json").read_text())
     checks = {(entry["mode"], entry["rank"]): entry for entry in law["verification"]}
     at_64 = checks[("new_rank", 64)]
-    assert at_64["fitted_on_ranks"] == [1, 4, 16] and at_64["prediction_inside_measured_ci"]
+    assert at_64["fitted_on_ranks"] == [1, 4, 16] and at_64["intervals_overlap"]
     assert at_64["measured_ci95"][0] <= 16 * 8 <= at_64["measured_ci95"][1]
+    assert at_64["predicted"] == pytest.approx(16 * 8, rel=0.1) and 0 <= at_64["regret_at_predicted_alpha"] < 1e-3
     assert len(at_64["measured_alphas"]) == 5 and at_64["verdict"] == "consistent"
     assert {r["rule"] for r in at_64["rules_of_thumb"]} == {"fixed α", "√r law", "α ∝ r"}
     assert checks[("held_out", 16)]["fitted_on_ranks"] == [1, 4]
@@ -75,7 +76,7 @@ def test_verify_held_out_and_at_a_new_rank(tmp_path):
     again = study("verify", "results/sim", "--rank", "64", cwd=tmp_path)
     assert again.returncode == 0 and "all 10 trials are finished" in again.stdout
     status = study("status", "results/sim", cwd=tmp_path)
-    assert "42/42 done" in status.stdout and "10 finished trials are not in the current grid" in status.stdout
+    assert "78/78 done" in status.stdout and "10 finished trials are not in the current grid" in status.stdout
     rerun = study("run", str(spec_path), cwd=tmp_path)
     assert rerun.returncode == 0 and "nothing to run" in rerun.stdout
 
