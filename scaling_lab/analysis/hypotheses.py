@@ -71,7 +71,7 @@ def mu_a_exponent(law: PowerLaw) -> float:
     (α/√r), r^-1/2 (a fixed scale). A law without a rule in its group holds α fixed in its convention."""
     rule = dict(law.group).get("scaling_rule")
     gamma = RULE_EXPONENTS[rule] if rule is not None else CONVENTION_EXPONENTS[law.convention]
-    return -(1.0 - gamma) / 2.0
+    return 0.0 - (1.0 - gamma) / 2.0  # 0.0 rather than -0.0 for the rank-invariant case
 
 
 def evaluate_rules(law: PowerLaw, maximize: bool) -> tuple[HypothesisTest, ...]:

@@ -191,8 +191,6 @@ class PowerLaw:
             "m": self.m,
             "m_ci95": list(self.m_ci) if self.m_ci else None,
             "covariance_from_residuals": self.covariance.tolist(),
-            # log c, k[, m] of each bootstrap resample: predictions from law.json alone give the fit's intervals
-            "bootstrap_parameters": [[float(f"{v:.9g}") for v in row] for row in self.replicates.tolist()],
             "r_squared": self.r_squared,
             "chi2_per_dof": self.chi2_per_dof,
             "dof": self.dof,
@@ -207,6 +205,8 @@ class PowerLaw:
             "supported": self.supported,
             "warnings": list(self.warnings),
             "notes": list(self.notes),
+            # log c, k[, m] of each bootstrap resample (α laws): predictions from law.json get the fit's intervals
+            "bootstrap_parameters": _rounded(self.replicates) if self.quantity == "alpha" else None,
         }
 
 
@@ -432,6 +432,10 @@ def _r_squared(y: np.ndarray, weights: np.ndarray, chi2: float) -> float:
     """Weighted R² in log space. It depends on the convention: a law with k near 0 has R² near 0 however well it fits."""
     total = float(np.sum(weights * (y - np.average(y, weights=weights)) ** 2))
     return 1.0 - chi2 / total if total > 0 else math.nan
+
+
+def _rounded(replicates: np.ndarray) -> list[list[float]]:
+    return [[float(f"{v:.9g}") for v in row] for row in replicates.tolist()]
 
 
 def _show(value: object) -> str:

@@ -390,7 +390,9 @@ PLOT_CAPTIONS = {
     "metric_vs_alpha.png": "Metric against α per rank (mean over seeds), one panel per model size. Stars: optima with 95% intervals; hollow stars are not used in the law; red crosses: diverged.",
     "alpha_vs_rank.png": "Optimal α against rank on log-log axes with the fitted law and its 95% band; grey lines: the reference rules k = 0, 0.5, 1 (in this convention's terms) through the centre of the data.",
     "residuals.png": "Each optimum relative to its law's prediction, in percent, with 95% error bars. A power law leaves no pattern around 0.",
-    "learning_rate_vs_rank.png": "Optimal learning rate against rank at fixed α, with the fitted laws.",
+    "learning_rate_vs_rank.png": (
+        "Optimal learning rate against rank at each scaling rule and α the grid set, with the fitted laws."
+    ),
     "alpha_lr_surface.png": "The metric over α × learning rate per model and rank (at most four cells): colour, how much worse the mean over seeds is than the fitted optimum (★), in percent; red crosses: diverged. White contours: the fitted full model at 1, 4 and 16 times the tolerance above its optimum, where it was fitted; dashed: the line α·lr = const through the optimum. Under the α·lr hypothesis the contours run parallel to it; an α effect of its own closes them across it.",
     "diagnostics_vs_alpha.png": "Training diagnostics against α, one line per rank (the metric figure's colours), at the learning rate that figure shows. Solid: each trial's value over its diagnostic steps after step 1 (mean signal and update norm; drift ratio = summed drift / summed signal), mean over seeds; dashed: the first logged step after step 1. Spectral ratio: end of training, mean over adapted layers. Dotted: ratio 1.",
 }
