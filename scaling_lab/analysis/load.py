@@ -87,7 +87,9 @@ def choose_metric(source: str | Path, metric: str | None = None, maximize: bool 
 
 
 def spec_path(source: str | Path) -> str:
-    return results.as_store(str(source)).path("spec.yaml")
+    """The results directory's spec.yaml, named as the user named the directory (so reports do not depend on
+    where they were made)."""
+    return f"{str(source).rstrip('/')}/spec.yaml"
 
 
 def read_study_spec(source: str | Path) -> dict | None:
