@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scaling_lab.analysis import FitSettings, fit_study, from_frame
+from scaling_lab.analysis import AnalysisError, FitSettings, fit_study, from_frame
 from scaling_lab.analysis.planted import planted_trials, power_law
 from scaling_lab.analysis.powerlaw import Prediction
 from scaling_lab.analysis.report import write_outputs
@@ -91,3 +91,13 @@ def test_record_writes_law_json_and_report_and_a_refit_keeps_them(tmp_path):
     write_outputs(fit_study(loaded, SETTINGS), tmp_path)
     assert json.loads((tmp_path / "law.json").read_text())["verification"] == entries
     assert (tmp_path / "report.md").read_text().count("| held out | 64 |") == 1
+
+
+def test_models_are_verified_one_law_each():
+    frame = planted_trials(power_law(16.0, 0.5, m=0.25), ranks=(1, 4, 16, 64), alphas=ALPHAS, seeds=2,
+                           models={"a": 1e5, "b": 8e5}, rng=np.random.default_rng(1))
+    checks = verify_at_rank(from_frame(frame), 64, FitSettings(n_bootstrap=100, by_model=True), mode="held_out")
+    assert [c.model for c in checks] == ["a", "b"] and all(c.verdict == "consistent" for c in checks)
+    assert [c.measured for c in checks] == pytest.approx([16 * 8 * 0.1**0.25, 16 * 8 * 0.8**0.25], rel=0.1)
+    with pytest.raises(AnalysisError, match="verify laws by model"):
+        verify_at_rank(from_frame(frame), 64, FitSettings(n_bootstrap=100), mode="held_out")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from scaling_lab.analysis.conventions import CONVENTION_SYMBOLS, alpha_in_convention
-from scaling_lab.analysis.fit import FitSettings, StudyFit, fit_study
+from scaling_lab.analysis.fit import AnalysisError, FitSettings, StudyFit, fit_study
 from scaling_lab.analysis.hypotheses import ALPHA_RULES, objective_at, rule_coefficients, rules_for
 from scaling_lab.analysis.load import LoadedResults
 from scaling_lab.analysis.optimum import CellOptimum, find_optima
@@ -170,6 +170,8 @@ def verify_at_rank(
     model: str | None = None,
 ) -> list[Verification]:
     """Every α law of the results fitted without `rank` (on `fit_ranks` only, when given), checked at `rank`."""
+    if not settings.by_model and results.trials["model"].nunique() > 1:
+        raise AnalysisError("a law pooled over several models has no one measured optimum: verify laws by model")
     fit = fit_without_rank(results, rank, settings, fit_ranks)
     measured_rows = results.trials[results.trials["rank"] == rank]
     cells = _measured_cells(measured_rows, fit, settings)
@@ -198,7 +200,7 @@ def _matching_cell(law, cells: Sequence[CellOptimum]) -> CellOptimum | None:
 
 def _verify_law(law, cells: Sequence[CellOptimum], rank: int, fit: StudyFit, mode: str) -> Verification:
     group = tuple(law.group)
-    model = str(dict(group).get("model", fit.alpha_cells[0].model if fit.alpha_cells else "all"))
+    model = str(dict(group).get("model", fit.results.trials["model"].iloc[0]))
     base = {
         "mode": mode,
         "model": model,
