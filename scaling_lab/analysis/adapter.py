@@ -120,7 +120,8 @@ def stored_laws(document: dict, model: str | None = None, model_params: float | 
 def study_spec_of(document: dict, law_path: Path | None) -> tuple[dict | None, str]:
     """The study spec behind a law: law.json's own copy, else the spec.yaml of the results it was fitted on."""
     if document.get("study_spec"):
-        return document["study_spec"], f"{law_path or 'law.json'} (study_spec)"
+        origin = f"{law_path} (study_spec)" if law_path else f"{str(document.get('source')).rstrip('/')}/spec.yaml"
+        return document["study_spec"], origin
     from scaling_lab.analysis.load import read_study_spec
 
     source = document.get("source") or ""
