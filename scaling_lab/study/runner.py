@@ -342,6 +342,25 @@ def run(spec: StudySpec, options: RunOptions) -> str:
     return results_dir
 
 
+def run_trials(spec: StudySpec, options: RunOptions, trials: list[TrialConfig]) -> str:
+    """Run the given trials of `spec`'s study (not its grid) into its results directory, as `run` runs the grid:
+    finished ones are skipped, running ones waited for. The directory's spec.yaml is left as it is, so that the
+    study's own `run`, `status` and `fit` see the study they ran (`study verify` adds trials this way)."""
+    results_dir = spec.results_dir(options.base_dir)
+    store = results.Store(results_dir)
+    check_results_dir(spec, store)
+    done = results.completed_ids(store)
+    todo = [t for t in trials if t.trial_id not in done]
+    if not todo:
+        print(f"all {len(trials)} trials are finished in {results_dir}; nothing to run")
+        return results_dir
+    print(f"{len(todo)} of {len(trials)} trials to run in {results_dir}")
+    store.remove_stale_temporaries(older_than_s=spec.execution.claim_timeout_s)
+    with full_disk_named(store):
+        _run_rounds(spec, options, results_dir, trials)
+    return results_dir
+
+
 def _run_rounds(spec: StudySpec, options: RunOptions, results_dir: str, trials: list[TrialConfig]) -> None:
     """Tune runs over the unfinished trials, until none is left."""
     import ray
@@ -357,7 +376,8 @@ def _run_rounds(spec: StudySpec, options: RunOptions, results_dir: str, trials: 
             # Rounds: run the free trials; wait for those another driver runs, and run any it abandons.
             left_after_last_round = elsewhere_noted = None
             for round_number in itertools.count():
-                todo = pending_trials(spec, results_dir)[1]
+                done = results.completed_ids(results_dir)
+                todo = [t for t in trials if t.trial_id not in done]
                 if not todo:
                     break
                 elsewhere = set(claims.held_elsewhere(store, [t.trial_id for t in todo], run_id))
