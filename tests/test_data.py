@@ -12,7 +12,7 @@ import torch
 
 from scaling_lab import data
 from scaling_lab.data import IGNORE_INDEX, DataError
-from scaling_lab.spec import DataSpec
+from scaling_lab.spec import DataSpec, TrainingSettings
 
 SYNTHETIC = DataSpec(train_examples=300, eval_examples=50)
 QA_ROWS = [
@@ -36,22 +36,42 @@ def write_table(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def load(spec: DataSpec, tokenizer, tmp_path: Path, kind: str = "causal_lm", seq_len: int = 12) -> data.Task:
+def budget(seq_len: int = 12, steps: int = 1000, batch_size: int = 4, eval_batches: int = 1000) -> TrainingSettings:
+    """Training settings; by default trials read more rows than these tests' files hold, so every row is kept."""
+    return TrainingSettings(seq_len=seq_len, steps=steps, batch_size=batch_size, eval_batches=eval_batches)
+
+
+def load(spec: DataSpec, tokenizer, tmp_path: Path, kind: str = "causal_lm", seq_len: int = 12,
+         training: TrainingSettings | None = None) -> data.Task:
     return data.load_task(
-        spec, kind=kind, tokenizer=tokenizer, vocab_size=len(tokenizer), seq_len=seq_len, base_dir=tmp_path
+        spec, training or budget(seq_len), kind=kind, tokenizer=tokenizer, vocab_size=len(tokenizer),
+        base_dir=tmp_path, cache_dir=tmp_path / "cache",
     )
 
 
 def synthetic(spec: DataSpec = SYNTHETIC, kind: str = "causal_lm", vocab_size: int = 64) -> data.Task:
-    return data.load_task(spec, kind=kind, tokenizer=None, vocab_size=vocab_size, seq_len=32, base_dir=Path("."))
+    return data.load_task(spec, budget(seq_len=32), kind=kind, tokenizer=None, vocab_size=vocab_size,
+                          base_dir=Path("."), cache_dir=Path("unused"))
 
 
-def rows_of(task: data.Task) -> list[tuple]:
-    """Every example of both splits as a tuple of (name, values) pairs, to compare as sets."""
+def whole(split: data.PreparedRows, seq_len: int | None = None) -> dict[str, torch.Tensor]:
+    """All rows of a split as one batch; with seq_len, padded further to seq_len (as all rows were once stored)."""
+    batch = split.batch(torch.arange(len(split)))
+    if seq_len is None:
+        return batch
+    fill = {"input_ids": split.pad_id, "attention_mask": 0, "labels": IGNORE_INDEX,
+            "token_type_ids": split.pad_token_type_id}
+    return {name: torch.nn.functional.pad(tensor, (0, seq_len - tensor.shape[1]), value=fill[name])
+            if tensor.dim() == 2 else tensor for name, tensor in batch.items()}
+
+
+def rows_of(task: data.Task, seq_len: int) -> list[tuple]:
+    """Every example of both splits, padded to seq_len, as a tuple of (name, values) pairs, to compare as sets."""
     rows = []
     for split in (task.train, task.eval):
-        for i in range(len(split["input_ids"])):
-            rows.append(tuple((name, tuple(tensor[i].tolist())) for name, tensor in sorted(split.items())))
+        batch = whole(split, seq_len)
+        for i in range(len(split)):
+            rows.append(tuple((name, tuple(tensor[i].tolist())) for name, tensor in sorted(batch.items())))
     return rows
 
 
@@ -59,8 +79,8 @@ def ids(tokenizer, text: str) -> list[int]:
     return tokenizer.convert_tokens_to_ids(text.split())
 
 
-def row_lengths(split: dict[str, torch.Tensor]) -> set[int]:
-    return set(split["attention_mask"].sum(dim=1).tolist())
+def row_lengths(split: data.PreparedRows) -> set[int]:
+    return set(whole(split)["attention_mask"].sum(dim=1).tolist())
 
 
 # ---- Markov chains and the synthetic task ----
@@ -83,9 +103,10 @@ def test_synthetic_task_is_fixed_by_constants():
         data.markov_shift_task_logits(), 300, 32, torch.Generator().manual_seed(data.TASK_TRAIN_SAMPLE_SEED)
     )
     assert task.name == "synthetic:markov-shift"
-    assert torch.equal(task.train["input_ids"], expected_train)
-    assert torch.equal(task.train["labels"], expected_train)
-    assert task.train["attention_mask"].all() and task.eval["input_ids"].shape == (50, 32)
+    batch = task.train.batch(torch.arange(len(task.train)))
+    assert torch.equal(task.train.input_ids, expected_train) and torch.equal(batch["input_ids"], expected_train)
+    assert torch.equal(batch["labels"], expected_train)
+    assert batch["attention_mask"].all() and task.eval.input_ids.shape == (50, 32)
     again = synthetic()
     assert again is task  # memoized: a pack of trials samples once
 
@@ -93,9 +114,9 @@ def test_synthetic_task_is_fixed_by_constants():
 def test_synthetic_eval_split_is_independent_of_the_train_split():
     small = synthetic()
     larger = synthetic(DataSpec(train_examples=500, eval_examples=50))
-    assert torch.equal(small.eval["input_ids"], larger.eval["input_ids"])
-    train_rows = {tuple(row) for row in larger.train["input_ids"].tolist()}
-    assert not train_rows & {tuple(row) for row in small.eval["input_ids"].tolist()}
+    assert torch.equal(small.eval.input_ids, larger.eval.input_ids)
+    train_rows = {tuple(row) for row in larger.train.input_ids.tolist()}
+    assert not train_rows & {tuple(row) for row in small.eval.input_ids.tolist()}
 
 
 def test_synthetic_task_is_a_low_rank_shift_away_from_pretraining():
@@ -106,7 +127,7 @@ def test_synthetic_task_is_a_low_rank_shift_away_from_pretraining():
     assert kl > 0.3
 
     # The sampled data really comes from the shifted chain: it is much likelier under it than under pretraining's.
-    tokens = synthetic().train["input_ids"]
+    tokens = synthetic().train.input_ids
 
     def nll(logits):
         return torch.nn.functional.cross_entropy(logits[tokens[:, :-1]].flatten(0, 1), tokens[:, 1:].flatten())
@@ -145,8 +166,8 @@ def test_prompt_completion_masks_the_prompt_token_by_token(suffix, tmp_path, cau
                 ("labels", tuple(([IGNORE_INDEX] * len(prompt) + completion)[:seq_len] + [IGNORE_INDEX] * padding)),
             )
         )
-    assert len(task.train["input_ids"]) == 3 and len(task.eval["input_ids"]) == 1
-    assert sorted(rows_of(task)) == sorted(expected)
+    assert len(task.train) == 3 and len(task.eval) == 1
+    assert sorted(rows_of(task, seq_len)) == sorted(expected)
 
 
 def test_text_column_trains_on_every_token_and_truncates(tmp_path, causal_tokenizer):
@@ -167,7 +188,7 @@ def test_text_column_trains_on_every_token_and_truncates(tmp_path, causal_tokeni
                 ("labels", tuple(tokens + [IGNORE_INDEX] * padding)),
             )
         )
-    assert sorted(rows_of(task)) == sorted(expected)
+    assert sorted(rows_of(task, 8)) == sorted(expected)
 
 
 def test_string_labels_are_numbered_in_sorted_order(tmp_path, bert_tokenizer):
@@ -178,9 +199,10 @@ def test_string_labels_are_numbered_in_sorted_order(tmp_path, bert_tokenizer):
     label_ids = {"mixed": 0, "neg": 1, "pos": 2}
     label_by_tokens = {}
     for split in (task.train, task.eval):
-        assert split["labels"].dtype == torch.long and split["labels"].dim() == 1
-        assert "token_type_ids" not in split
-        for tokens, label in zip(split["input_ids"].tolist(), split["labels"].tolist()):
+        batch = whole(split, seq_len=10)
+        assert batch["labels"].dtype == torch.long and batch["labels"].dim() == 1
+        assert "token_type_ids" not in batch
+        for tokens, label in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
             label_by_tokens[tuple(tokens)] = label
     for row in QA_ROWS:
         tokens = [bert_tokenizer.cls_token_id] + ids(bert_tokenizer, row["prompt"]) + [bert_tokenizer.sep_token_id]
@@ -194,13 +216,14 @@ def test_sentence_pairs_for_classification_keep_integer_labels(tmp_path, bert_to
     spec = DataSpec(source="pairs.jsonl", prompt_column="premise", completion_column="hypothesis", label_column="label")
     task = load(spec, bert_tokenizer, tmp_path, kind="seq_cls", seq_len=10)
 
-    labels = sorted(task.train["labels"].tolist() + task.eval["labels"].tolist())
+    train = whole(task.train, seq_len=10)
+    labels = sorted(train["labels"].tolist() + whole(task.eval)["labels"].tolist())
     assert labels == [0, 0, 5, 5, 10, 10]  # as they are, not renumbered as text
     cls, sep, pad = bert_tokenizer.cls_token_id, bert_tokenizer.sep_token_id, bert_tokenizer.pad_token_id
     premise, hypothesis = ids(bert_tokenizer, "the cat sat"), ids(bert_tokenizer, "the cat ran")
-    assert task.train["input_ids"][0].tolist() == [cls, *premise, sep, *hypothesis, sep, pad]
-    assert task.train["token_type_ids"][0].tolist() == [0] * 5 + [1] * 4 + [0]
-    assert task.train["attention_mask"][0].tolist() == [1] * 9 + [0]
+    assert train["input_ids"][0].tolist() == [cls, *premise, sep, *hypothesis, sep, pad]
+    assert train["token_type_ids"][0].tolist() == [0] * 5 + [1] * 4 + [0]
+    assert train["attention_mask"][0].tolist() == [1] * 9 + [0]
 
 
 def test_negative_labels_are_rejected(tmp_path, bert_tokenizer):
@@ -231,8 +254,8 @@ def test_text_data_needs_a_tokenizer(tmp_path):
     write_table(QA_ROWS, tmp_path / "qa.jsonl")
     with pytest.raises(DataError, match="needs a model with a tokenizer"):
         data.load_task(
-            DataSpec(source="qa.jsonl", text_column="prompt"), kind="causal_lm", tokenizer=None, vocab_size=64,
-            seq_len=8, base_dir=tmp_path,
+            DataSpec(source="qa.jsonl", text_column="prompt"), budget(), kind="causal_lm", tokenizer=None,
+            vocab_size=64, base_dir=tmp_path, cache_dir=tmp_path,
         )
 
 
@@ -283,11 +306,11 @@ def test_synthetic_and_hub_sources_pass_validation(tmp_path):
 
 
 def test_batch_iterator_depends_only_on_its_seed():
-    split = {"input_ids": torch.arange(10).unsqueeze(1), "labels": torch.arange(10)}
+    split = data.TokenTensors(torch.arange(10).unsqueeze(1))
 
     def take(seed, count):
         batches = data.batch_iterator(split, batch_size=5, seed=seed)
-        return [next(batches)["labels"].tolist() for _ in range(count)]
+        return [next(batches)["labels"].flatten().tolist() for _ in range(count)]
 
     first = take(0, 4)
     with torch.random.fork_rng(devices=[]):
@@ -298,7 +321,7 @@ def test_batch_iterator_depends_only_on_its_seed():
 
 
 def test_batch_iterator_fills_batches_larger_than_the_split():
-    split = {"input_ids": torch.arange(3).unsqueeze(1)}
+    split = data.TokenTensors(torch.arange(3).unsqueeze(1))
     batch = next(data.batch_iterator(split, batch_size=8, seed=0))
     assert batch["input_ids"].shape == (8, 1)
 
@@ -325,7 +348,7 @@ def test_prompt_template_joins_columns_and_word_filter_keeps_the_range(tmp_path,
         completion = ids(causal_tokenizer, row["response"]) + [eos]
         padding = 16 - len(prompt) - len(completion)
         expected_labels.add(tuple([IGNORE_INDEX] * len(prompt) + completion + [IGNORE_INDEX] * padding))
-    assert {dict(row)["labels"] for row in rows_of(task)} == expected_labels
+    assert {dict(row)["labels"] for row in rows_of(task, 16)} == expected_labels
     with pytest.raises(data.DataError, match="no row holds between 40 and 50 words"):
         load(DataSpec(source=source.name, prompt_template="{instruction}{input}", completion_column="response",
                       min_words=40, max_words=50), causal_tokenizer, tmp_path)
@@ -358,7 +381,7 @@ def test_chat_messages_train_on_the_last_assistant_turn(tmp_path, causal_tokeniz
         completion = ids(chat, assistant["content"]) + [eos]
         tokens = prompt + completion
         expected.add(tuple(tokens + [eos] * (12 - len(tokens))))
-    assert {dict(row)["input_ids"] for row in rows_of(task)} == expected
+    assert {dict(row)["input_ids"] for row in rows_of(task, 12)} == expected
 
     unanswered = write_table([{"messages": [{"role": "user", "content": "the cat ?"}]}] * 2, tmp_path / "open.jsonl")
     with pytest.raises(data.DataError, match="does not end with an assistant turn"):
