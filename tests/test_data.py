@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
 from scaling_lab import data
 from scaling_lab.data import IGNORE_INDEX, DataError
 from scaling_lab.spec import DataSpec, TrainingSettings
+from conftest import WORDS
 
 SYNTHETIC = DataSpec(train_examples=300, eval_examples=50)
 QA_ROWS = [
@@ -395,3 +398,171 @@ def test_word_filter_counts_the_named_prompt_column(tmp_path, causal_tokenizer):
     spec = DataSpec(source=source.name, prompt_column="question", completion_column="answer", max_words=5)
     task = load(spec, causal_tokenizer, tmp_path, seq_len=12)
     assert row_lengths(task.train) | row_lengths(task.eval) == {1 + 3 + 1 + 1}  # BOS, question, answer, EOS
+
+
+# ---- prepared once, only the rows trials read, padded per batch ----
+
+
+def numbered_rows(count: int) -> list[dict]:
+    """Rows whose text spells their number in base len(WORDS) (three words); every fourth row is two words longer."""
+    base = len(WORDS)
+    return [{"text": f"{WORDS[i // base**2]} {WORDS[i // base % base]} {WORDS[i % base]}"
+             + (" far far" if i % 4 == 0 else "")} for i in range(count)]
+
+
+def row_numbers(split: data.PreparedRows, tokenizer) -> list[int]:
+    batch = whole(split)
+    numbers = []
+    for tokens, present in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        words = tokenizer.convert_ids_to_tokens([t for t, p in zip(tokens, present) if p])[1:4]  # after BOS
+        numbers.append(sum(WORDS.index(w) * len(WORDS) ** (2 - i) for i, w in enumerate(words)))
+    return numbers
+
+
+class TokenizerCalls:
+    """Counts the texts a tokenizer class is asked to encode."""
+
+    def __init__(self, monkeypatch, tokenizer):
+        self.texts = 0
+        original = type(tokenizer).__call__
+
+        def counting(tok, text, *args, **kwargs):
+            self.texts += len(text) if isinstance(text, list) else 1
+            return original(tok, text, *args, **kwargs)
+
+        monkeypatch.setattr(type(tokenizer), "__call__", counting)
+
+
+def test_only_the_rows_trials_read_are_tokenized_after_filters_see_every_row(tmp_path, causal_tokenizer,
+                                                                           monkeypatch):
+    monkeypatch.setattr(data, "SOURCE_CHUNK_ROWS", 64)  # the source is scanned in many chunks
+    write_table(numbered_rows(2000), tmp_path / "numbered.jsonl")
+    spec = DataSpec(source="numbered.jsonl", text_column="text", min_words=5)  # keeps every fourth row: 500 rows
+    everything = load(spec, causal_tokenizer, tmp_path, seq_len=8)
+    assert len(everything.train) == 450 and len(everything.eval) == 50  # eval_fraction 0.1 of the 500 kept
+
+    calls = TokenizerCalls(monkeypatch, causal_tokenizer)
+    training = budget(seq_len=8, steps=3, batch_size=4, eval_batches=2)
+    assert data.rows_read(training) == (12, 8)
+    task = load(spec, causal_tokenizer, tmp_path, training=training)
+    assert calls.texts == 12 + 8 and len(task.train) == 12 and len(task.eval) == 8
+    train, held_out = row_numbers(task.train, causal_tokenizer), row_numbers(task.eval, causal_tokenizer)
+    # The held-out rows are the whole split's, so that evaluation reads the rows it read before: its first ones.
+    assert held_out == row_numbers(everything.eval, causal_tokenizer)[:8]
+    assert len(set(train)) == 12 and set(train) <= set(row_numbers(everything.train, causal_tokenizer))
+    assert all(number % 4 == 0 for number in train + held_out)
+    stored = task.train.table.schema
+    assert stored.names == ["input_ids", "loss_start"] and stored.field("input_ids").type.value_type == pa.uint16()
+
+
+def test_prepared_data_is_reused_by_later_loads_and_keyed_by_the_rows_read(tmp_path, causal_tokenizer,
+                                                                          monkeypatch):
+    write_table(numbered_rows(300), tmp_path / "numbered.parquet")
+    spec = DataSpec(source="numbered.parquet", text_column="text")
+    first = load(spec, causal_tokenizer, tmp_path, training=budget(steps=5))
+    (prepared,) = (tmp_path / "cache" / "data").glob("numbered-*/")
+    written = {path.name: path.stat().st_mtime_ns for path in prepared.iterdir()}
+    assert set(written) == {"train.arrow", "eval.arrow", "prepared.json"}
+
+    calls = TokenizerCalls(monkeypatch, causal_tokenizer)
+    data._memo.clear()  # as in another process
+    again = load(spec, causal_tokenizer, tmp_path, training=budget(steps=5))
+    assert calls.texts == 0 and again is not first
+    assert {path.name: path.stat().st_mtime_ns for path in prepared.iterdir()} == written
+    assert torch.equal(whole(again.train)["input_ids"], whole(first.train)["input_ids"])
+
+    load(spec, causal_tokenizer, tmp_path, training=budget(steps=6))  # more rows read: prepared anew
+    assert calls.texts == 6 * 4 + 30 and len(list((tmp_path / "cache" / "data").glob("numbered-*/"))) == 2
+
+
+def test_a_directory_is_built_once_by_concurrent_callers(tmp_path):
+    import threading
+    import time
+
+    from scaling_lab.build_once import build_once
+
+    builds = []
+
+    def build(staging: Path) -> None:
+        builds.append(staging)
+        time.sleep(0.2)
+        (staging / "done").write_text("yes")
+
+    threads = [threading.Thread(target=build_once, args=(tmp_path / "built", build)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and (tmp_path / "built" / "done").read_text() == "yes"
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == ["built"]
+
+
+def test_batches_are_padded_to_their_longest_row(tmp_path, causal_tokenizer):
+    rows = [{"prompt": "question " + "the " * i + "?", "completion": "yes " * (i % 3) + "no"} for i in range(12)]
+    write_table(rows, tmp_path / "lengths.jsonl")
+    spec = DataSpec(source="lengths.jsonl", prompt_column="prompt", completion_column="completion")
+    task = load(spec, causal_tokenizer, tmp_path, seq_len=16)
+    lengths = whole(task.train)["attention_mask"].sum(dim=1)
+    shortest = lengths.argsort()[:3]
+    batch = task.train.batch(shortest)
+    assert batch["input_ids"].shape == (3, int(lengths[shortest].max())) and lengths.max() > lengths[shortest].max()
+    padded = whole(task.train, seq_len=16)
+    for name, tensor in batch.items():  # the same rows as padding every row to seq_len, up to the padding
+        assert torch.equal(tensor, padded[name][shortest][:, : tensor.shape[1]])
+    assert lengths.max() == 16  # the longest rows are truncated to seq_len
+
+
+def test_padding_per_batch_gives_the_loss_of_padding_to_seq_len(tmp_path, causal_tokenizer, bert_tokenizer):
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rows = [{"prompt": "question " + "the cat " * (i % 5) + "?", "completion": "yes no " * (i % 3) + "no",
+             "label": i % 2} for i in range(16)]
+    write_table(rows, tmp_path / "pairs.jsonl")
+    causal = LlamaForCausalLM(LlamaConfig(vocab_size=len(causal_tokenizer), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
+    classifier = BertForSequenceClassification(BertConfig(
+        vocab_size=len(bert_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    spec = DataSpec(source="pairs.jsonl", prompt_column="prompt", completion_column="completion")
+    for model, tokenizer, kind, seq_len in ((causal, causal_tokenizer, "causal_lm", 24),
+                                            (classifier, bert_tokenizer, "seq_cls", 32)):
+        spec = dataclasses.replace(spec, label_column="label" if kind == "seq_cls" else None)
+        split = load(spec, tokenizer, tmp_path, kind=kind, seq_len=seq_len).train
+        model.eval()
+        with torch.no_grad():
+            for rows_ in torch.arange(len(split)).split(4):
+                per_batch = split.batch(rows_)
+                to_seq_len = {k: v[rows_] for k, v in whole(split, seq_len).items()}
+                assert per_batch["input_ids"].shape[1] < seq_len
+                assert model(**per_batch).loss.item() == pytest.approx(model(**to_seq_len).loss.item(), rel=1e-5)
+
+
+def test_empty_values_anywhere_in_the_source_are_reported_with_their_row(tmp_path, causal_tokenizer, monkeypatch):
+    monkeypatch.setattr(data, "SOURCE_CHUNK_ROWS", 64)
+    rows = numbered_rows(300)
+    rows[150]["text"] = rows[250]["text"] = None
+    write_table(rows, tmp_path / "gaps.jsonl")
+    with pytest.raises(DataError) as error:
+        load(DataSpec(source="gaps.jsonl", text_column="text"), causal_tokenizer, tmp_path,
+             training=budget(steps=1))
+    assert str(error.value) == f"{tmp_path / 'gaps.jsonl'}: column 'text' has 2 empty values, first in row 150"
+    assert not [path for path in (tmp_path / "cache" / "data").iterdir() if path.is_dir()]  # nothing half-built
+
+
+def test_hub_datasets_with_an_eval_split_number_labels_over_both(tmp_path, bert_tokenizer, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    (tmp_path / "hub").mkdir()
+    train = [{"text": f"the {word}", "label": label} for word, label in zip(WORDS[:6], "ababab")]
+    held_out = [{"text": "the mat", "label": "c"}, {"text": "the cat", "label": "a"}, {"text": "on", "label": "b"}]
+    write_table(train, tmp_path / "hub" / "train.jsonl")
+    write_table(held_out, tmp_path / "hub" / "test.jsonl")
+    spec = DataSpec(source=f"hf:{tmp_path / 'hub'}", text_column="text", label_column="label", eval_split="test")
+    task = load(spec, bert_tokenizer, tmp_path, kind="seq_cls", training=budget(steps=1, batch_size=2, eval_batches=1))
+    assert len(task.train) == 2 and len(task.eval) == 2  # steps × batch, and eval_batches × batch
+    evaluated = whole(task.eval)
+    assert evaluated["labels"].tolist() == [2, 0]  # the first held-out rows, in order; "c" numbered with "a", "b"
+    assert evaluated["input_ids"][0, 1:3].tolist() == ids(bert_tokenizer, "the mat")
+    assert set(whole(task.train)["labels"].tolist()) <= {0, 1}
