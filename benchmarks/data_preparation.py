@@ -16,8 +16,10 @@ the trial read. Prints the ratios last: second load ÷ first load (time), memory
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,6 +60,7 @@ def memory_kib() -> dict[str, int]:
 def one_load(work: Path, args: argparse.Namespace) -> None:
     """In its own process: load the task as a trial does and read what the trial reads; print a JSON record."""
     import numpy as np
+    import pyarrow as pa
     import torch
 
     from scaling_lab import data
@@ -66,8 +69,10 @@ def one_load(work: Path, args: argparse.Namespace) -> None:
     tokenizer = word_tokenizer(args.vocab_words)
     spec = DataSpec(source=str(work / "rows.jsonl"), text_column="text")
     training = TrainingSettings(seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps)
-    for _ in data.batch_iterator(data.TokenTensors(torch.zeros(4, 4, dtype=torch.long)), 2, seed=0):
-        break  # torch's first operations allocate; a trial has run them before it loads data
+    # The first torch and Arrow operations allocate (kernels, pools); a trial has run them before it loads data.
+    warm_up = data.PreparedRows(pa.table({"input_ids": pa.array([[1, 2]], pa.list_(pa.uint16())),
+                                          "loss_start": pa.array([0], pa.int32())}), pad_id=0)
+    next(data.batch_iterator(warm_up, 2, seed=0))
     before = memory_kib()
     started = time.perf_counter()
     task = data.load_task(spec, training, kind="causal_lm", tokenizer=tokenizer, vocab_size=len(tokenizer),
@@ -75,10 +80,10 @@ def one_load(work: Path, args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - started
     loaded = memory_kib()
     batches = data.batch_iterator(task.train, args.batch_size, seed=0)
+    eval_batches = (torch.arange(start, min(start + args.batch_size, len(task.eval)))
+                    for start in range(0, len(task.eval), args.batch_size))
     token_bytes = 0
-    for batch in [next(batches) for _ in range(args.steps)] + [
-            task.eval.batch(torch.arange(start, min(start + args.batch_size, len(task.eval))))
-            for start in range(0, len(task.eval), args.batch_size)]:
+    for batch in itertools.chain((next(batches) for _ in range(args.steps)), map(task.eval.batch, eval_batches)):
         token_bytes += int(batch["attention_mask"].sum()) * np.dtype(np.uint16).itemsize
     read = memory_kib()
     print(json.dumps({
@@ -109,11 +114,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         work = args.work_dir or Path(temporary)
         work.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        write_source(work / "rows.jsonl", args.rows, args.words, args.vocab_words)
-        size_mib = (work / "rows.jsonl").stat().st_size / 2**20
-        print(f"source: {args.rows} rows x {args.words} words, {size_mib:.0f} MiB "
-              f"(written in {time.perf_counter() - started:.1f} s)")
+        source = work / f"rows-{args.rows}x{args.words}-{args.vocab_words}.jsonl"
+        if not source.is_file():  # a --work-dir keeps it for the next run
+            write_source(source, args.rows, args.words, args.vocab_words)
+        (work / "rows.jsonl").unlink(missing_ok=True)
+        (work / "rows.jsonl").symlink_to(source.name)
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        print(f"source: {args.rows} rows x {args.words} words, {source.stat().st_size / 2**20:.0f} MiB")
         command = [sys.executable, __file__, "--one-load", "--work-dir", str(work)] + [
             f"--{name.replace('_', '-')}={getattr(args, name)}"
             for name in ("rows", "words", "vocab_words", "seq_len", "batch_size", "steps")]

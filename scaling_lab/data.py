@@ -120,15 +120,25 @@ class TokenTensors:
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
 
-@dataclass(frozen=True)
 class PreparedRows:
     """Tokenized rows of one split, memory-mapped from prepared Arrow: token ids of each row's own length (at
     most seq_len) and where its loss starts (causal_lm) or its label (seq_cls). A batch is padded on the right
-    to its longest row; labels are made then."""
+    to its longest row; labels are made then.
 
-    table: pa.Table
-    pad_id: int
-    pad_token_type_id: int = 0
+    Rows are read through numpy views of the Arrow buffers, so a batch touches only its own rows' pages (Arrow's
+    `take` on a table of many record batches would copy whole columns)."""
+
+    def __init__(self, table: pa.Table, pad_id: int, pad_token_type_id: int = 0):
+        self.table, self.pad_id, self.pad_token_type_id = table, pad_id, pad_token_type_id
+        self._chunk_starts = np.cumsum([0] + [len(chunk) for chunk in table.column(0).chunks])
+        self._lists = {  # per record batch: offsets and values, views into the memory map
+            name: [(chunk.offsets.to_numpy(), chunk.values.to_numpy()) for chunk in table.column(name).chunks]
+            for name in ("input_ids", "token_type_ids") if name in table.column_names
+        }
+        self._scalars = {
+            name: [chunk.to_numpy() for chunk in table.column(name).chunks]
+            for name in ("loss_start", "label") if name in table.column_names
+        }
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -136,33 +146,36 @@ class PreparedRows:
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         import torch
 
-        rows = self.table.take(pa.array(np.asarray(indices, dtype=np.int64)))
-        input_ids, present = _padded(rows.column("input_ids"), self.pad_id)
-        if "label" in rows.column_names:
-            labels = rows.column("label").to_numpy().astype(np.int64)
+        indices = np.asarray(indices, dtype=np.int64)
+        chunks = np.searchsorted(self._chunk_starts, indices, side="right") - 1
+        where = list(zip(chunks.tolist(), (indices - self._chunk_starts[chunks]).tolist()))
+        input_ids, present = self._padded("input_ids", where, self.pad_id)
+        if "label" in self._scalars:
+            labels = np.array([self._scalars["label"][c][i] for c, i in where], dtype=np.int64)
         else:
-            positions = np.arange(input_ids.shape[1])
-            from_loss_start = positions >= rows.column("loss_start").to_numpy()[:, None]
+            loss_starts = np.array([self._scalars["loss_start"][c][i] for c, i in where])
+            from_loss_start = np.arange(input_ids.shape[1]) >= loss_starts[:, None]
             labels = np.where(present & from_loss_start, input_ids, IGNORE_INDEX)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(present.astype(np.int64)),
             "labels": torch.from_numpy(labels),
         }
-        if "token_type_ids" in rows.column_names:  # which sentence each token belongs to (BERT)
-            token_type_ids, _ = _padded(rows.column("token_type_ids"), self.pad_token_type_id)
-            batch["token_type_ids"] = torch.from_numpy(token_type_ids)
+        if "token_type_ids" in self._lists:  # which sentence each token belongs to (BERT)
+            batch["token_type_ids"] = torch.from_numpy(self._padded("token_type_ids", where, self.pad_token_type_id)[0])
         return batch
 
-
-def _padded(column: pa.ChunkedArray, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lists of integers as an int64 array [rows, longest] padded with `pad`, and where the values are."""
-    lists = column.combine_chunks()
-    lengths = lists.value_lengths().to_numpy()
-    present = np.arange(max(1, lengths.max(initial=0))) < lengths[:, None]
-    padded = np.full(present.shape, pad, dtype=np.int64)
-    padded[present] = lists.flatten().to_numpy()
-    return padded, present
+    def _padded(self, name: str, where: list[tuple[int, int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' lists as int64 [rows, longest] padded with `pad`, and where the values are."""
+        rows = []
+        for chunk, i in where:
+            offsets, values = self._lists[name][chunk]
+            rows.append(values[offsets[i] : offsets[i + 1]])
+        lengths = np.array([len(row) for row in rows])
+        present = np.arange(max(1, lengths.max(initial=0))) < lengths[:, None]
+        padded = np.full(present.shape, pad, dtype=np.int64)
+        padded[present] = np.concatenate(rows)
+        return padded, present
 
 
 Split = TokenTensors | PreparedRows
@@ -212,7 +225,8 @@ def load_task(
             raise DataError(f"{data.source}: text data needs a model with a tokenizer (tiny:<size> models have none)")
         else:
             request = _Request(data, kind, tokenizer, vocab_size, training.seq_len, base_dir, train_rows, eval_rows)
-            _memo[key] = _open_prepared(build_once(_prepared_dir(request, cache_dir), request.prepare), data.source)
+            directory = build_once(_prepared_dir(request, cache_dir), lambda staging: _prepare(request, staging))
+            _memo[key] = _open_prepared(directory, data.source)
     return _memo[key]
 
 
@@ -258,9 +272,6 @@ class _Request:
     @property
     def token_type(self) -> pa.DataType:
         return pa.uint16() if max(len(self.tokenizer), self.vocab_size) <= 2**16 else pa.int32()
-
-    def prepare(self, directory: Path) -> None:
-        _prepare(self, directory)
 
 
 def _prepared_dir(request: _Request, cache_dir: Path) -> Path:
