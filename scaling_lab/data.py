@@ -11,6 +11,7 @@ vocabulary, and memory-mapped by every trial and worker that reads them; batches
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -360,6 +361,8 @@ def _prepare(request: _Request, directory: Path) -> None:
         "seconds": time.perf_counter() - started,
     }
     (directory / "prepared.json").write_text(json.dumps(meta, indent=2))
+    gc.collect()  # datasets' objects hold reference cycles: their Arrow buffers are freed only now ...
+    pa.default_memory_pool().release_unused()  # ... and Arrow's allocator would keep them (tens of MB)
 
 
 def _hold_out(kept: np.ndarray, fraction: float, train_rows: int, eval_rows: int, where: str
