@@ -189,6 +189,7 @@ class DataSpec:
     """
 
     source: str = "synthetic:markov-shift"
+    revision: str | None = None  # of a hub dataset (a branch, tag or commit); null: the hub's default branch
     text_column: str | None = None
     prompt_column: str | None = None
     prompt_template: str | None = None  # e.g. "{instruction}\n{input}\n": fields are column names
@@ -225,6 +226,8 @@ class DataSpec:
             )
             if not file.is_file():
                 raise SpecError(f"{path}.source: data file {str(file)!r} does not exist")
+        if self.revision is not None:
+            _require(self.is_hub, f"{path}.revision", "null unless source is hf:<dataset id>", self.revision)
         if not self.is_synthetic:
             has_prompt = (self.prompt_column is not None) + (self.prompt_template is not None)
             layouts = [
