@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import pandas as pd
 import pyarrow.parquet as pq
 
+from scaling_lab import text_tasks
 from scaling_lab.spec import DataSpec, resolve_path
 
 if TYPE_CHECKING:
@@ -169,6 +170,9 @@ def validate_data_source(data: DataSpec, base_dir: Path) -> None:
     """Check before any compute that a data file is readable, not empty and has the named columns."""
     if data.is_synthetic or data.is_hub:
         return
+    if data.is_builtin:
+        _check_table(text_tasks.builtin_table(data.source).head(VALIDATION_ROWS), data, data.source)
+        return
     path = resolve_path(data.source, base_dir)
     _check_table(_read_table(path, max_rows=VALIDATION_ROWS), data, str(path))
 
@@ -179,6 +183,9 @@ def _read_splits(data: DataSpec, base_dir: Path, tokenizer: Any) -> tuple[pd.Dat
     if data.is_hub:
         train_rows = _laid_out(_read_hub_split(data, data.train_split), data, tokenizer)
         eval_rows = _laid_out(_read_hub_split(data, data.eval_split), data, tokenizer) if data.eval_split else None
+    elif data.is_builtin:
+        builtin = _check_table(text_tasks.builtin_table(data.source), data, data.source)
+        train_rows, eval_rows = _laid_out(builtin, data, tokenizer), None
     else:
         path = resolve_path(data.source, base_dir)
         train_rows, eval_rows = _laid_out(_check_table(_read_table(path), data, str(path)), data, tokenizer), None
