@@ -15,6 +15,7 @@ import gc
 import hashlib
 import json
 import math
+import platform
 import re
 import string
 import time
@@ -28,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from scaling_lab import text_tasks
 from scaling_lab.build_once import build_once
 from scaling_lab.spec import DataSpec, TrainingSettings, resolve_path
 
@@ -280,6 +282,8 @@ def _prepared_dir(request: _Request, cache_dir: Path) -> Path:
     data = request.data
     if data.is_hub:
         source = {"dataset": data.source, "revision": data.revision}
+    elif data.is_builtin:  # its rows depend on the Python that generates them
+        source = {"builtin": data.source, "python": platform.python_version()}
     else:
         path = resolve_path(data.source, request.base_dir).resolve()
         stat = path.stat() if path.is_file() else None
@@ -407,6 +411,9 @@ def validate_data_source(data: DataSpec, base_dir: Path) -> None:
 def _source(data: DataSpec, base_dir: Path, split: str) -> _Source:
     if data.is_hub:
         return _hub_source(data, split)
+    if data.is_builtin:
+        table = text_tasks.builtin_table(data.source)
+        return _Source(data.source, lambda rows: (table.iloc[i : i + rows] for i in range(0, len(table), rows)))
     path = resolve_path(data.source, base_dir)
     if not path.is_file():
         raise DataError(f"{path}: data file does not exist")

@@ -333,9 +333,11 @@ def load_curves(root: str | os.PathLike | Store, trial_ids: list[str] | None = N
 
 
 def versions_json(packages: list[str]) -> str:
+    """The installed versions of `packages` (those installed) and of Python (builtin text tasks depend on it)."""
+    import platform
     from importlib import metadata
 
-    found = {}
+    found = {"python": platform.python_version()}
     for name in packages:
         try:
             found[name] = metadata.version(name)

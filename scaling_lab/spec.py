@@ -23,6 +23,7 @@ SCALING_RULES = ("standard", "rslora", "fixed")
 MODEL_KINDS = ("causal_lm", "seq_cls")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 SYNTHETIC_TASKS = ("synthetic:markov-shift",)
+BUILTIN_TASKS = ("builtin:stdlib-docstrings",)  # real text generated at run time: scaling_lab/text_tasks.py
 TINY_PREFIX = "tiny:"
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 
@@ -181,7 +182,8 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The fine-tuning task: the offline synthetic task, a local JSONL/JSON/Parquet/CSV file, or hf:<dataset id>.
+    """The fine-tuning task: the offline synthetic task, a builtin text task (columns text and label), a local
+    JSONL/JSON/Parquet/CSV file, or hf:<dataset id>.
 
     Columns: text (loss on all tokens); or a prompt (one column, or a template over several) + completion
     (loss on completion tokens only); or chat messages (the last assistant turn is the completion, the turns
@@ -213,15 +215,21 @@ class DataSpec:
     def is_hub(self) -> bool:
         return self.source.startswith("hf:")
 
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith("builtin:")
+
     def check(self, path: str, base_dir: Path) -> None:
         if self.is_synthetic:
             _require(self.source in SYNTHETIC_TASKS, f"{path}.source", f"one of {list(SYNTHETIC_TASKS)}", self.source)
+        elif self.is_builtin:
+            _require(self.source in BUILTIN_TASKS, f"{path}.source", f"one of {list(BUILTIN_TASKS)}", self.source)
         elif not self.is_hub:
             file = resolve_path(self.source, base_dir)
             _require(
                 file.suffix in DATA_FILE_SUFFIXES,
                 f"{path}.source",
-                f"synthetic:<task>, hf:<dataset id> or a file ending in {'/'.join(DATA_FILE_SUFFIXES)}",
+                f"synthetic:<task>, builtin:<task>, hf:<dataset id> or a file ending in {'/'.join(DATA_FILE_SUFFIXES)}",
                 self.source,
             )
             if not file.is_file():

