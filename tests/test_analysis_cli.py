@@ -223,3 +223,19 @@ def test_run_summary_picks_the_best_alpha_by_the_study_metric(tmp_path):
     assert "seed-averaged final held-out accuracy, higher is better" in by_accuracy
     assert "r=16    α*=128" in by_accuracy and "accuracy=" in by_accuracy
     assert "r=16    α*=32 " in by_loss
+
+
+def test_learning_rate_law_under_a_fixed_scale_with_no_flag(tmp_path, capsys):
+    """The issue's case: lr* = 1e-3·r^-0.5 under a fixed scale of 2, ranks 2-64, 11 learning rates, 2 seeds."""
+    csv = tmp_path / "lr_fixed.csv"
+    planted_trials(power_law(16.0, 0.5), ranks=(2, 4, 8, 16, 32, 64), alphas=(2.0,), seeds=2,
+                   learning_rates=tuple(np.geomspace(1e-5, 1e-1, 11)),
+                   optimal_learning_rate=lambda rank, size: 1e-3 * rank**-0.5, scaling_rule="fixed",
+                   rng=np.random.default_rng(3)).to_csv(csv, index=False)
+    assert main(["fit", str(csv), "--bootstrap", "50", "--out", str(tmp_path / "out")]) == 0
+    assert "scaling_rule=fixed, alpha=2: lr* = " in capsys.readouterr().out
+    (law,) = json.loads((tmp_path / "out/law.json").read_text())["learning_rate_laws"]
+    assert law["k_ci95"][0] <= -0.5 <= law["k_ci95"][1]
+    row = next(line for line in (tmp_path / "out/report.md").read_text().splitlines()
+               if line.startswith("| model=planted, scaling_rule=fixed, alpha=2 |"))
+    assert row.endswith("| -0.5 | yes |")  # μA's exponent for a fixed scale, inside the law's interval

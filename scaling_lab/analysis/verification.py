@@ -168,11 +168,13 @@ def verify_at_rank(
     mode: str,
     fit_ranks: Sequence[int] | None = None,
     model: str | None = None,
+    fit: StudyFit | None = None,
 ) -> list[Verification]:
-    """Every α law of the results fitted without `rank` (on `fit_ranks` only, when given), checked at `rank`."""
+    """Every α law of the results fitted without `rank` (on `fit_ranks` only, when given), checked at `rank`.
+    `fit`: that fit, when the caller has it already (fit_without_rank with the same arguments)."""
     if not settings.by_model and results.trials["model"].nunique() > 1:
         raise AnalysisError("a law pooled over several models has no one measured optimum: verify laws by model")
-    fit = fit_without_rank(results, rank, settings, fit_ranks)
+    fit = fit or fit_without_rank(results, rank, settings, fit_ranks)
     measured_rows = results.trials[results.trials["rank"] == rank]
     cells = _measured_cells(measured_rows, fit, settings)
     return [_verify_law(tested.law, cells, rank, fit, mode) for tested in law_groups(fit, model)]

@@ -97,7 +97,9 @@ def verify_study(
     if len(fit_ranks) < 2:
         raise AnalysisError(f"verifying rank {rank} needs a law from 2 or more other finished ranks; "
                             f"finished: {finished}")
+    fit = None
     if mode == "new_rank":
+        # The rows at the other grid ranks are what they were after the new trials: this fit serves both steps.
         fit = verification.fit_without_rank(loaded, rank, settings, fit_ranks)
         laws = [t.law for t in verification.law_groups(fit, model)]
         for law in laws:
@@ -108,7 +110,8 @@ def verify_study(
         if trials:
             run_trials(spec, options, trials)
             loaded = load_results(results_dir)
-    entries = verification.verify_at_rank(loaded, rank, settings, mode=mode, fit_ranks=fit_ranks, model=model)
+    entries = verification.verify_at_rank(loaded, rank, settings, mode=mode, fit_ranks=fit_ranks, model=model,
+                                          fit=fit)
     if not (out_dir / "law.json").exists():
         write_outputs(fit_study(load_results(results_dir, diagnostics=True), settings), out_dir)
     verification.record(out_dir, entries)
