@@ -12,6 +12,7 @@ command that installs it.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -82,13 +83,19 @@ def gpu_requests(spec: spec_lib.StudySpec) -> list[tuple[str, spec_lib.Resources
     return blocks
 
 
-def _installed_versions(modules: list[str]) -> dict[str, str]:
+def _environment(modules: list[str]) -> dict[str, list[str]]:
+    """Each module's installed version and where it would be imported from: what a remembered success is for."""
     found = {}
     for module in modules:
         try:
-            found[module] = importlib.metadata.version(module)
+            version = importlib.metadata.version(module)
         except importlib.metadata.PackageNotFoundError:
-            found[module] = ""
+            version = ""
+        try:
+            origin = getattr(importlib.util.find_spec(module), "origin", None) or ""
+        except (ImportError, ValueError):
+            origin = ""
+        found[module] = [version, origin]
     return found
 
 
@@ -128,7 +135,7 @@ def check_imports_and_gpus(spec: spec_lib.StudySpec, local: bool) -> None:
     modules = [r.module for r in needed] + (["torch"] if asking and "torch" not in [r.module for r in needed] else [])
     if not modules:
         return
-    key = {"python": sys.executable, "versions": _installed_versions(modules)}
+    key = {"python": sys.executable, "modules": _environment(modules)}
     if not asking and _cached_success(key):
         return
     found = probe(modules, count_gpus=bool(asking))
