@@ -25,7 +25,7 @@ install: $(STAMP)
 
 # torch first, then the package, then DeepSpeed built against that torch, then the extras (DeepSpeed already
 # satisfies `train`), and the op DeepSpeed would otherwise build in the first trial (its CPU comm op: a minute)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { echo "error: no python3.11, python3.12 or python3.13 on PATH; use make PYTHON=/path/to/python" >&2; exit 1; }
 	@$(PYTHON) -c '$(SUPPORTED_PYTHON)' \
 		|| { echo "error: $(PYTHON) is Python $$($(PYTHON) -c 'import sys; print(sys.version.split()[0])'); scaling_lab needs 3.11 to 3.13: use make PYTHON=/path/to/python3.12" >&2; exit 1; }
@@ -37,9 +37,9 @@ $(STAMP): pyproject.toml
 	else index="--index-url $(TORCH_CPU_INDEX)"; fi; \
 	echo "$(PY) -m pip install --quiet $$index '$(TORCH)'"; \
 	$(PY) -m pip install --quiet $$index '$(TORCH)'
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -c constraints.txt -e .
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation $(DEEPSPEED)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(PY) -c 'from scaling_lab.train import build_deepspeed_ops; build_deepspeed_ops()' >/dev/null
 	touch $(STAMP)
 
