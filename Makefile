@@ -26,9 +26,11 @@ install: $(STAMP)
 # torch first, then the package, then DeepSpeed built against that torch, then the extras (DeepSpeed already
 # satisfies `train`), and the op DeepSpeed would otherwise build in the first trial (its CPU comm op: a minute)
 $(STAMP): pyproject.toml constraints.txt
-	@test -n "$(PYTHON)" || { echo "error: no python3.11, python3.12 or python3.13 on PATH; use make PYTHON=/path/to/python" >&2; exit 1; }
-	@$(PYTHON) -c '$(SUPPORTED_PYTHON)' \
-		|| { echo "error: $(PYTHON) is Python $$($(PYTHON) -c 'import sys; print(sys.version.split()[0])'); scaling_lab needs 3.11 to 3.13: use make PYTHON=/path/to/python3.12" >&2; exit 1; }
+	@test -n "$(PYTHON)" || { echo "error: no python3.11, python3.12 or python3.13 on PATH;" \
+		"use make PYTHON=/path/to/python" >&2; exit 1; }
+	@$(PYTHON) -c '$(SUPPORTED_PYTHON)' || { echo "error: $(PYTHON) is Python" \
+		"$$($(PYTHON) -c 'import sys; print(sys.version.split()[0])'); scaling_lab needs 3.11 to 3.13:" \
+		"use make PYTHON=/path/to/python3.12" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	@if [ -n "$(TORCH_INDEX)" ]; then index="--index-url $(TORCH_INDEX)"; \

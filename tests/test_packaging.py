@@ -32,7 +32,8 @@ def requirements(items: list[str]) -> dict[str, Requirement]:
 
 def test_python_3_11_to_3_13_are_admitted():
     admitted = SpecifierSet(PROJECT["requires-python"])
-    assert [v for v in ["3.10", "3.11", "3.12", "3.13", "3.14"] if admitted.contains(f"{v}.0")] == ["3.11", "3.12", "3.13"]
+    admitted_versions = [v for v in ["3.10", "3.11", "3.12", "3.13", "3.14"] if admitted.contains(f"{v}.0")]
+    assert admitted_versions == ["3.11", "3.12", "3.13"]
 
 
 def test_each_use_has_its_extra():
@@ -93,7 +94,8 @@ def test_the_console_script_is_declared_and_answers_help():
 def test_the_overview_lists_every_tool_subcommand(capsys):
     assert cli.main(["--help"]) == 0
     listed = re.findall(r"^  (\S+) ", capsys.readouterr().out, re.MULTILINE)
-    assert listed == ["plan", "run", "resume", "status", "submit", "fit", "predict", "equivalence", "export", "clusters"]
+    assert listed == ["plan", "run", "resume", "status", "submit", "fit", "predict", "equivalence", "export",
+                      "clusters"]
 
 
 def test_a_subcommand_runs_the_same_as_its_python_m_form(tmp_path):

@@ -39,7 +39,8 @@ def open_tracker(tracker: str, study: str, *, tracking_uri: str | None = None, l
         from scaling_lab.tracking.tensorboard_tracker import TensorBoardTracker
 
         if not logdir:
-            raise TrackingError("tensorboard: needs a log directory (--logdir, or tracking.tensorboard_logdir in a spec)")
+            raise TrackingError("tensorboard: needs a log directory (--logdir, or tracking.tensorboard_logdir in a "
+                                "spec)")
         return TensorBoardTracker(base_dir / Path(logdir).expanduser(), study)
     from scaling_lab.tracking.wandb_tracker import WandbTracker
 

@@ -50,7 +50,8 @@ def analysis_files(store: results.Store, analysis: str | None) -> dict[str, byte
                 for suffix in ANALYSIS_SUFFIXES for name in store.list(ANALYSIS_FOLDER, suffix)}
     parent = Path(store.root).parent
     if store.local and (parent / "law.json").is_file():
-        return {p.name: p.read_bytes() for p in sorted(parent.iterdir()) if p.is_file() and p.suffix in ANALYSIS_SUFFIXES}
+        return {p.name: p.read_bytes() for p in sorted(parent.iterdir())
+                if p.is_file() and p.suffix in ANALYSIS_SUFFIXES}
     return {}
 
 
@@ -108,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         study, rows, store = read_study(args.results, args.analysis)
-        trackers = [open_tracker(name, study.name, tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                                 logdir=args.logdir, project=args.project, wandb_dir=args.wandb_dir,
-                                 base_dir=Path.cwd())
+        tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        trackers = [open_tracker(name, study.name, tracking_uri=tracking_uri, logdir=args.logdir, project=args.project,
+                                 wandb_dir=args.wandb_dir, base_dir=Path.cwd())
                     for name in dict.fromkeys(args.to)]
         for tracker in trackers:
             outcomes = export(tracker, study, rows, store)

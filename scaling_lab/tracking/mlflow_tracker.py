@@ -39,7 +39,8 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=self._artifacts_beside_db())
+            self.experiment_id = self.client.create_experiment(experiment,
+                                                               artifact_location=self._artifacts_beside_db())
         else:
             self.experiment_id = found.experiment_id
         self.experiment = experiment
@@ -75,7 +76,8 @@ class MlflowTracker:
             self.client.set_terminated(self.study_run_id)
         for run in self._runs("trial"):
             tags = run.data.tags
-            self.logged[tags.get(f"{TAG_PREFIX}trial_id", "")] = (run.info.run_id, tags.get(f"{TAG_PREFIX}finished_at", ""))
+            trial_id, finished = tags.get(f"{TAG_PREFIX}trial_id", ""), tags.get(f"{TAG_PREFIX}finished_at", "")
+            self.logged[trial_id] = (run.info.run_id, finished)
 
     def log_trial(self, trial: TrialRecord) -> str:
         from mlflow.entities import Metric, Param

@@ -133,7 +133,8 @@ class TensorBoardTracker:
             events.add(0, _seconds(trial.started_at), _hparams(trial))
             for step, values in trial.steps:
                 events.add(step, wall_time, [_scalar(name, value) for name, value in values.items()])
-            events.add(trial.last_step, wall_time, [_scalar(name, value) for name, value in trial.final_metrics.items()])
+            final = [_scalar(name, value) for name, value in trial.final_metrics.items()]
+            events.add(trial.last_step, wall_time, final)
             events.add(trial.last_step, wall_time, [_text("tags", json.dumps(trial.tags, indent=1))])
         finally:
             events.close()
