@@ -36,11 +36,12 @@ def cmd_plan(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from scaling_lab import preflight
     from scaling_lab.study.runner import GroupsFailed, RunOptions, run
 
     spec = _load(args)
-    preflight.check(spec, args.address, Path.cwd())  # before Ray starts: what the trials need is installed
+    from scaling_lab.preflight import check as preflight_check
+
+    preflight_check(spec, args.address, Path.cwd())  # before Ray starts: what the trials need is installed
     options = RunOptions(
         base_dir=Path.cwd(),
         address=args.address,
