@@ -115,17 +115,17 @@ def test_a_subcommand_added_to_a_tool_is_dispatched_without_changes_here(tmp_pat
         "def main(argv=None):\n"
         "    parser = argparse.ArgumentParser(prog='extra')\n"
         "    commands = parser.add_subparsers(dest='command', required=True)\n"
-        "    commands.add_parser('verify', help='check a published law').add_argument('source')\n"
+        "    commands.add_parser('audit', help='audit a published law').add_argument('source')\n"
         "    args = parser.parse_args(argv)\n"
-        "    print(f'verified {args.source}')\n"
+        "    print(f'audited {args.source}')\n"
         "    return 0\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(cli, "TOOLS", [*cli.TOOLS, ("extra_tool", "extra")])
-    assert cli.main(["verify", "analysis/default"]) == 0
-    assert capsys.readouterr().out == "verified analysis/default\n"
+    assert cli.main(["audit", "analysis/default"]) == 0
+    assert capsys.readouterr().out == "audited analysis/default\n"
     assert cli.main(["--help"]) == 0
-    assert re.search(r"^  verify +check a published law$", capsys.readouterr().out, re.MULTILINE)
+    assert re.search(r"^  audit +audit a published law$", capsys.readouterr().out, re.MULTILINE)
 
 
 def test_an_unknown_subcommand_is_one_line(capsys):
