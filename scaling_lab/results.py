@@ -344,3 +344,11 @@ def versions_json(packages: list[str]) -> str:
         except metadata.PackageNotFoundError:
             continue
     return json.dumps(found, sort_keys=True)
+
+
+if __name__ == "__main__":  # python -m scaling_lab.results export RESULTS --to ...: scaling_lab/tracking/export.py
+    import sys
+
+    from scaling_lab.tracking.export import main
+
+    sys.exit(main())

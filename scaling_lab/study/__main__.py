@@ -39,6 +39,9 @@ def cmd_run(args) -> None:
     from scaling_lab.study.runner import GroupsFailed, RunOptions, TrialsFailed, run
 
     spec = _load(args)
+    from scaling_lab.preflight import check as preflight_check
+
+    preflight_check(spec, args.address, Path.cwd())  # before Ray starts: what the trials need is installed
     options = RunOptions(
         base_dir=Path.cwd(),
         address=args.address,
