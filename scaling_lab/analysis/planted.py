@@ -30,8 +30,8 @@ def two_sided(curvature: float = 0.05, steeper_above: float | Callable[[np.ndarr
 
 
 def exponential_wall(curvature: float = 0.05, steepness: float = 1.5) -> Bowl:
-    """`curvature`·d² below the optimum, a wall 2·curvature·(e^{λd} − 1 − λd)/λ² above it (the same curvature at
-    the optimum, then exponential, like a loss approaching divergence)."""
+    """`curvature`·d² below the optimum, a wall 2·curvature·(e^{λd} − 1 − λd)/λ² above it (the same curvature
+    at the optimum, then exponential, like a loss approaching divergence)."""
 
     def excess(distance: np.ndarray, rank: np.ndarray) -> np.ndarray:
         above = 2 * curvature * (np.expm1(steepness * distance) - steepness * distance) / steepness**2

@@ -28,13 +28,14 @@ METHOD = """\
   counts as worse than every finite one (never as missing); rows with status error or oom are left out and counted.
   Real curves are asymmetric in log α (steep towards divergence), and a parabola through the best point and its
   two neighbours assumes a symmetric bowl: on a loss four times steeper above the optimum than below it puts the
-  optimum about 0.28 grid steps too low. So where the best point has two finite neighbours on each side, the
-  optimum is the vertex of an asymmetric bowl fitted by least squares to those five points: the best of four
-  shapes (two half-parabolas with separate curvatures; a parabola below and an exponential wall above; the mirror
-  of that; a linex, 2·(e^{{λd}} − 1 − λd)/λ²). Elsewhere the three-point parabola stands (symmetry assumed) or, with
-  a neighbour missing or diverged, the grid point. The column *estimator* says which each cell used. The
-  learning rate, where it is an axis, is optimized the same way at each fixed α, and the metric plot shows each
-  model at its best learning rate.
+  optimum about 0.28 grid steps too low. So where the best point and its finite neighbours up to two grid points
+  away make five points or more, the optimum is the vertex of an asymmetric bowl fitted to them by least squares:
+  the best of four shapes (two half-parabolas with separate curvatures; a parabola below and an exponential wall
+  above; the mirror of that; a linex, 2·(e^{{λd}} − 1 − λd)/λ²). With four points, one on a side, which any one
+  shape fits exactly, the shape most cells of the model chose is fitted. Elsewhere the three-point parabola stands
+  (symmetry assumed) or, with a neighbour missing or diverged, the grid point. The column *estimator* says which
+  each cell used, and the table after it why. The learning rate, where it is an axis, is optimized the same way at
+  each fixed α, and the metric plot shows each model at its best learning rate.
 - **Uncertainty of an optimum.** {n_bootstrap} bootstrap resamples of the seeds within each cell (spread
   corrected by √(S/(S−1)) for S seeds), each refitted by the same estimator, combined with the grid's resolution:
   grid step/√12 for a parabola or a grid point (whose error on an asymmetric bowl reaches a third of a step), a
@@ -44,8 +45,8 @@ METHOD = """\
   half a grid step either side of the optimum; running them (`study verify`, or the adaptive search) pins the
   bowl's shape where it decides the optimum.
 - **Flags.** edge_low / edge_high: the best point is the smallest / largest value tried; near_edge_*: over 10% of
-  resamples put it there; too_few_points: fewer than 3 finite points; all_diverged; not_refined; asymmetric; flat_to_edge:
-  points within {tolerance:.2%} of the best reach the edge of the range; some_diverged.
+  resamples put it there; too_few_points: fewer than 3 finite points; all_diverged; not_refined; asymmetric;
+  flat_to_edge: points within {tolerance:.2%} of the best reach the edge of the range; some_diverged.
   {edge_policy}
 - **Law.** Weighted least squares of log optimum on log r (and log N for the joint law), weights 1/σ². Each 95%
   interval is the wider, on each side, of the bootstrap percentile interval (the law refitted on every resample of
@@ -603,8 +604,11 @@ def _markdown_cells(fit: StudyFit, cells: Sequence[CellOptimum], symbol: str) ->
 
 def _markdown_estimators(cells: Sequence[CellOptimum], symbol: str) -> list[str]:
     """Why each cell's estimator, and the values to add where the bowl's shape is unknown or moved the optimum."""
-    lines = [f"**Estimator per cell** (method below); *suggested {symbol}*: values to add (`study verify`, or the "
-             "adaptive search) where the optimum rests on an assumed bowl shape or moved by more than its interval.", ""]
+    lines = [
+        f"**Estimator per cell** (see Method). *Suggested {symbol}*: values to add (`study verify`, or the adaptive "
+        "search) where the bowl could not be fitted or moved the optimum by more than its interval.",
+        "",
+    ]
     rows = []
     for cell in cells:
         if cell.optimum is None:
@@ -613,4 +617,4 @@ def _markdown_estimators(cells: Sequence[CellOptimum], symbol: str) -> list[str]
         suggested = ", ".join(_number(value) for value in cell.suggested) or "—"
         rows.append([cell.label(), cell.estimator, cell.estimator_reason, _number(cell.optimum), parabola, suggested])
     header = ["cell", "estimator", "why", f"{symbol}*", "3-point parabola", f"suggested {symbol}"]
-    return _markdown_table(header, rows) + [""]
+    return lines + _markdown_table(header, rows) + [""]
