@@ -40,8 +40,9 @@ def planted_law(rep: int, **options) -> PowerLaw:
 
 def test_nominal_95_percent_intervals_cover_the_planted_law():
     """100 seeded repetitions with 200 resamples each. Accepted: the k interval holds the truth in 85-99% of
-    them (measured: 94%), the c interval in 85-99% (95%); the mean k is within 0.01 of the truth (measured
-    -0.003) and every single estimate within 0.07 (measured at most 0.05)."""
+    them (measured: 97%), the c interval in 85-99% (96%); the mean k is within 0.01 of the truth (measured
+    +0.003) and every single estimate within 0.12 (measured at most 0.11: at this noise the asymmetric bowl fit,
+    unbiased where the parabola is not, scatters more than the parabola's 0.05)."""
     laws = [planted_law(rep) for rep in range(100)]
     k_hits = np.mean([law.k_ci[0] <= K <= law.k_ci[1] for law in laws])
     c_hits = np.mean([law.c_ci[0] <= C <= law.c_ci[1] for law in laws])
@@ -49,7 +50,7 @@ def test_nominal_95_percent_intervals_cover_the_planted_law():
     assert 0.85 <= k_hits <= 0.99
     assert 0.85 <= c_hits <= 0.99
     assert abs(estimates.mean() - K) < 0.01
-    assert np.abs(estimates - K).max() < 0.07
+    assert np.abs(estimates - K).max() < 0.12
 
 
 def test_optima_beyond_the_grid_are_left_out_and_counted():

@@ -68,6 +68,9 @@ def _designs(log_points: np.ndarray, vertices: np.ndarray, family: np.ndarray, s
 
 def _search(log_points, means, vertices, family, steepness):
     """Residual sum of squares (rows × shapes × vertices; inf where a curvature is not positive) and levels."""
+    # centred, so that the residual (a difference of two sums of squares) keeps its digits
+    centre = means.mean(axis=1)
+    means = means - centre[:, None]
     designs = _designs(log_points, vertices, family, steepness)
     designs = np.where(np.isfinite(designs), designs, 1e300)
     two = family == 0
@@ -88,7 +91,7 @@ def _search(log_points, means, vertices, family, steepness):
         residual = total[:, None, None] - np.einsum("bsvi,bsvi->bsv", moments, coefficients)
         feasible = solvable[None] & np.all(coefficients[..., 1:] > 0, axis=-1)
         rss[:, chosen] = np.where(feasible, np.maximum(residual, 0.0), np.inf)
-        levels[:, chosen] = coefficients[..., 0]
+        levels[:, chosen] = coefficients[..., 0] + centre[:, None, None]
     return rss, levels
 
 
@@ -100,8 +103,8 @@ def _best(rss, levels, vertices):
     left = rss[rows, shape_index, np.maximum(vertex_index - 1, 0)]
     right = rss[rows, shape_index, np.minimum(vertex_index + 1, vertices.size - 1)]
     interior = (vertex_index > 0) & (vertex_index < vertices.size - 1) & np.isfinite(left) & np.isfinite(right)
-    bend = left + right - 2 * best_rss
     with np.errstate(divide="ignore", invalid="ignore"):
+        bend = left + right - 2 * best_rss
         shift = np.where(interior & (bend > 0), 0.5 * (left - right) / bend, 0.0)
     log_optimum = vertices[vertex_index] + np.clip(shift, -0.5, 0.5) * (vertices[1] - vertices[0])
     missing = ~np.isfinite(best_rss)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -357,12 +357,15 @@ def _bowl_optimum(
             return _Bowl("parabola", f"{missing} (a bowl fit needs 4 with one on each side): symmetry assumed")
         return _Bowl("grid point", f"{missing}: the best grid point stands")
     start, stop = window
-    points = log_grid[start:stop]
+    # relative to the best point, so that a grid shifted in log α (another convention) gives the same fit, shifted
+    origin = log_grid[best]
+    points, low, high = log_grid[start:stop] - origin, log_grid[best - 1] - origin, log_grid[best + 1] - origin
     step = _grid_step(log_grid, best)
-    fit = fit_bowl(points, means[start:stop], log_grid[best - 1], log_grid[best + 1], step, shape)
+    fit = fit_bowl(points, means[start:stop], low, high, step, shape)
     if fit is None:
         return _Bowl("parabola" if refined else "grid point", "no bowl with positive curvatures fits")
-    bootstrap, _ = refit_bowls(points, resampled[:, start:stop], log_grid[best - 1], log_grid[best + 1], fit)
+    bootstrap = refit_bowls(points, resampled[:, start:stop], low, high, fit)[0] + origin
+    fit = replace(fit, log_optimum=fit.log_optimum + origin)
     if stop - start >= 5:
         reason = f"{stop - start} points, best of four bowl shapes by least squares"
         return _Bowl(fit.label, reason, fit.log_optimum, fit.value, bootstrap, (fit.family, fit.steepness * step))
