@@ -27,7 +27,7 @@ import numpy as np
 FAMILIES = ("two half-parabolas", "exponential wall above", "exponential wall below", "linex")
 VERTEX_LATTICE = 41
 STEEPNESS = np.geomspace(0.05, 10.0, 40)  # λ × grid step, for the walls and (either sign) the linex
-LOCAL_STEEPNESS = 2.0 ** np.linspace(-0.5, 0.5, 9)  # the lattice around a fitted λ that refits search
+LOCAL_STEEPNESS = 2.0 ** np.linspace(-0.5, 0.5, 3)  # the λ around a fitted one that refits try
 POINTS_PER_SIDE = 2
 
 
@@ -85,10 +85,12 @@ def _search(log_points, means, vertices, family, steepness):
         with np.errstate(invalid="ignore", over="ignore"):
             scale = np.prod(np.diagonal(normal, axis1=2, axis2=3), axis=-1)
             solvable = np.isfinite(scale) & (np.abs(np.linalg.det(normal)) > 1e-10 * scale)
-        normal = np.where(solvable[..., None, None], normal, np.eye(p))
-        moments = np.einsum("svni,bn->bsvi", design, means)
-        coefficients = np.linalg.solve(normal[None], moments[..., None])[..., 0]
-        residual = total[:, None, None] - np.einsum("bsvi,bsvi->bsv", moments, coefficients)
+        inverse = np.linalg.inv(np.where(solvable[..., None, None], normal, np.eye(p)))
+        n_shapes, n_vertices, n_points, _ = design.shape
+        flat = np.moveaxis(design, 2, 0).reshape(n_points, -1)
+        moments = (means @ flat).reshape(means.shape[0], n_shapes, n_vertices, p)
+        coefficients = (inverse[None] * moments[..., None, :]).sum(axis=-1)
+        residual = total[:, None, None] - (moments * coefficients).sum(axis=-1)
         feasible = solvable[None] & np.all(coefficients[..., 1:] > 0, axis=-1)
         rss[:, chosen] = np.where(feasible, np.maximum(residual, 0.0), np.inf)
         levels[:, chosen] = coefficients[..., 0] + centre[:, None, None]
