@@ -47,15 +47,16 @@ def test_fitting_in_a_convention_equals_converting_the_standard_law(planted, con
     standard = fit_study(planted, FitSettings(n_bootstrap=200)).alpha_laws[0].law
     direct = fit_study(planted, FitSettings(n_bootstrap=200, convention=convention)).alpha_laws[0].law
     converted = standard.in_convention(convention)
-    assert direct.c == pytest.approx(converted.c, rel=1e-12)
-    assert direct.k == pytest.approx(converted.k, abs=1e-12)
-    assert direct.k_ci == pytest.approx(converted.k_ci, abs=1e-12)
-    assert direct.c_ci == pytest.approx(converted.c_ci, rel=1e-12)
+    # The bowl fit's vertex comes from a lattice search: a grid shifted in log α reproduces it to about 1e-10.
+    assert direct.c == pytest.approx(converted.c, rel=1e-8)
+    assert direct.k == pytest.approx(converted.k, abs=1e-8)
+    assert direct.k_ci == pytest.approx(converted.k_ci, abs=1e-8)
+    assert direct.c_ci == pytest.approx(converted.c_ci, rel=1e-8)
     assert direct.r_squared == pytest.approx(converted.r_squared, abs=1e-9)
-    assert direct.k == pytest.approx(standard.k + {"rslora": -0.5, "scale": -1.0}[convention], abs=1e-12)
+    assert direct.k == pytest.approx(standard.k + {"rslora": -0.5, "scale": -1.0}[convention], abs=1e-8)
     prediction, expected = direct.predict(32), converted.predict(32)
-    assert prediction.value == pytest.approx(expected.value, rel=1e-12)
-    assert prediction.low == pytest.approx(expected.low, rel=1e-12)
+    assert prediction.value == pytest.approx(expected.value, rel=1e-8)
+    assert prediction.low == pytest.approx(expected.low, rel=1e-8)
 
 
 def test_trials_under_other_rules_pool_through_their_effective_scale(planted):

@@ -133,3 +133,57 @@ def test_missing_trials_are_tolerated():
     cell = optimum_of(alphas, seeds)
     assert cell.optimum == pytest.approx(10.0, rel=1e-6)
     assert np.all(np.isfinite(cell.bootstrap_log_optimum))
+
+
+ASYMMETRIC_BOWLS = {
+    "4x steeper above": lambda d: np.where(d < 0, 0.05, 0.2) * d**2,
+    "4x steeper below": lambda d: np.where(d < 0, 0.2, 0.05) * d**2,
+    "exponential wall": lambda d: np.where(d < 0, 0.05 * d**2, 0.1 * (np.expm1(1.5 * d) - 1.5 * d) / 1.5**2),
+}
+
+
+@pytest.mark.parametrize("shape", list(ASYMMETRIC_BOWLS), ids=list(ASYMMETRIC_BOWLS))
+@pytest.mark.parametrize("offset", [0.1, 0.45, 0.8])
+def test_bowl_fit_recovers_the_optimum_of_an_asymmetric_bowl(shape, offset):
+    """Noise-free, on the embedded default's ×√8 spacing: the parabola is off by a quarter step or more, the bowl
+    fit (five points around the best) by under 1% of a step."""
+    step = math.log(math.sqrt(8))
+    alphas = np.exp((np.arange(-3, 4) + offset) * step) * 1000
+    losses = 1.0 + ASYMMETRIC_BOWLS[shape](np.log(alphas / 1000))
+    cell = optimum_of(alphas, [losses, losses])
+    assert cell.estimator != "parabola" and "points" in cell.estimator_reason
+    assert abs(math.log(cell.optimum / 1000)) < 0.01 * step
+    assert cell.optimum_low < 1000 < cell.optimum_high
+    if shape != "exponential wall":
+        assert abs(math.log(cell.parabola_optimum / 1000)) > 0.1 * step
+
+
+def test_parabola_stands_with_three_points_and_more_alpha_is_suggested():
+    alphas = np.array([4.0, 8.0, 16.0, 32.0])
+    losses = 1.0 + np.where(np.log(alphas / 10) < 0, 0.05, 0.2) * np.log(alphas / 10) ** 2
+    losses[-1] = np.inf  # one finite point on each side of the best (8)
+    cell = optimum_of(alphas, [losses, losses])
+    assert cell.estimator == "parabola" and "1 finite point below the best, 1 above" in cell.estimator_reason
+    assert len(cell.suggested) == 2 and cell.suggested[0] < cell.optimum < cell.suggested[1]
+
+
+def test_four_points_with_one_on_a_side_fit_two_half_parabolas():
+    alphas = 2.0 ** np.arange(6)
+    losses = 1.0 + np.where(np.log(alphas / 12) < 0, 0.05, 0.2) * np.log(alphas / 12) ** 2
+    losses[-1] = np.inf  # one finite point above the best (8), three below
+    cell = optimum_of(alphas, [losses, losses])
+    assert cell.estimator == "two half-parabolas" and "4 points" in cell.estimator_reason
+    assert cell.optimum == pytest.approx(12.0, rel=1e-4)
+
+
+def test_an_asymmetry_that_moves_the_optimum_beyond_its_interval_is_flagged():
+    rng = np.random.default_rng(3)
+    alphas = 2.0 ** np.arange(10)
+    distance = np.log(alphas / 20)
+    flagged = {}
+    for name, ratio in (("symmetric", 1.0), ("asymmetric", 6.0)):
+        clean = 1.0 + 0.05 * np.where(distance < 0, 1.0, ratio) * distance**2
+        cell = optimum_of(alphas, [clean + rng.normal(0, 0.001, alphas.size) for _ in range(3)])
+        flagged[name] = "asymmetric" in cell.flags
+        assert cell.optimum_low < 20 < cell.optimum_high
+    assert flagged == {"symmetric": False, "asymmetric": True}

@@ -14,7 +14,7 @@ from scaling_lab.analysis import (
     predict,
 )
 from scaling_lab.analysis.hypotheses import mu_a_exponent
-from scaling_lab.analysis.planted import planted_trials, power_law
+from scaling_lab.analysis.planted import exponential_wall, planted_trials, power_law, two_sided
 
 C, K = 16.0, 0.5
 
@@ -41,8 +41,9 @@ def planted_law(rep: int, **options) -> PowerLaw:
 
 def test_nominal_95_percent_intervals_cover_the_planted_law():
     """100 seeded repetitions with 200 resamples each. Accepted: the k interval holds the truth in 85-99% of
-    them (measured: 94%), the c interval in 85-99% (95%); the mean k is within 0.01 of the truth (measured
-    -0.003) and every single estimate within 0.07 (measured at most 0.05)."""
+    them (measured: 97%), the c interval in 85-99% (96%); the mean k is within 0.01 of the truth (measured
+    +0.003) and every single estimate within 0.12 (measured at most 0.11: at this noise the asymmetric bowl fit,
+    unbiased where the parabola is not, scatters more than the parabola's 0.05)."""
     laws = [planted_law(rep) for rep in range(100)]
     k_hits = np.mean([law.k_ci[0] <= K <= law.k_ci[1] for law in laws])
     c_hits = np.mean([law.c_ci[0] <= C <= law.c_ci[1] for law in laws])
@@ -50,7 +51,7 @@ def test_nominal_95_percent_intervals_cover_the_planted_law():
     assert 0.85 <= k_hits <= 0.99
     assert 0.85 <= c_hits <= 0.99
     assert abs(estimates.mean() - K) < 0.01
-    assert np.abs(estimates - K).max() < 0.07
+    assert np.abs(estimates - K).max() < 0.12
 
 
 def test_optima_beyond_the_grid_are_left_out_and_counted():
@@ -171,3 +172,33 @@ def test_learning_rate_law_at_the_rule_and_alpha_as_run(rule, alpha, exponent):
         assert math.isclose(law.c, 1e-3, rel_tol=0.1)
         assert mu_a_exponent(law) == exponent
         assert any(t.name == "μA prediction" and t.exponent == exponent for t in tested.tests) or exponent == 0.0
+
+
+ASYMMETRIC_BOWLS = {
+    "4x steeper above": two_sided(0.05, 4.0),
+    "steeper above at low rank": two_sided(0.05, lambda rank: 8.0 * rank ** (-1 / 3)),
+    "exponential wall": exponential_wall(0.05, 1.5),
+}
+
+
+@pytest.mark.parametrize("bowl", list(ASYMMETRIC_BOWLS), ids=list(ASYMMETRIC_BOWLS))
+def test_asymmetric_bowls_give_the_planted_law_with_honest_intervals(bowl):
+    """α* = 900·r^0.25 on the embedded default's ×√8 spacing (six α, the grid shifted at random), two seeds, 20
+    repeats. The three-point parabola put c 27% (4×) and 35% (rank-varying) low, its interval holding the truth in
+    none of 20. Accepted: c within 15% and k within 0.05 in at least 18 of 20, and each interval holding the truth
+    in at least 16 of 20 (nominal 19; measured 19 for the two-sided bowls); benchmarks/asymmetric_optimum.py
+    measures it over 100 repeats and at ×2 spacing too."""
+    laws = []
+    for repeat in range(20):
+        rng = np.random.default_rng(repeat)
+        alphas = 181.0 * math.sqrt(8) ** (np.arange(6) + rng.uniform(0.0, 1.0))
+        frame = planted_trials(
+            power_law(900.0, 0.25), ranks=(1, 2, 4, 8, 16, 32, 64), alphas=tuple(alphas), seeds=2,
+            bowl=ASYMMETRIC_BOWLS[bowl], noise=0.002, rng=rng,
+        )
+        laws.append(fit_study(from_frame(frame), FitSettings(n_bootstrap=100, seed=repeat)).alpha_laws[0].law)
+    close = sum(abs(law.c / 900.0 - 1) <= 0.15 and abs(law.k - 0.25) <= 0.05 for law in laws)
+    c_inside = sum(law.c_ci[0] <= 900.0 <= law.c_ci[1] for law in laws)
+    k_inside = sum(law.k_ci[0] <= 0.25 <= law.k_ci[1] for law in laws)
+    assert close >= 18
+    assert c_inside >= 16 and k_inside >= 16

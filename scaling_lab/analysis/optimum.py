@@ -1,25 +1,30 @@
 """The optimum of one axis (α, or the learning rate) in each cell of the other axes, with its uncertainty and flags.
 
 Within a cell the metric is averaged over seeds at each grid point; a point where any seed diverged counts as
-worse than every finite one. The best point is refined by a parabola in log(axis) through it and its two
-neighbours (kept local because wider parabola fits are biased by the grid's width); when a neighbour is missing
-or diverged the grid point stands. The uncertainty comes from a bootstrap over seeds within the cell, plus the
-grid's resolution: a grid-point optimum is only known to within ±Δ/2 of a grid step Δ (standard deviation
-Δ/√12). A refined one is credited with a fifth of that: on a loss four times steeper above the optimum than
-below, the parabola's error varies by about 0.06 Δ with where the optimum falls between grid points.
+worse than every finite one. Where the best point and its finite neighbours up to two grid points away make four
+points or more, one on each side at least, the optimum is the vertex of an asymmetric bowl fitted to them
+(bowl.py: separate shapes below and above the optimum); otherwise the best point is refined by a parabola in
+log(axis) through it and its two neighbours, which assumes a symmetric bowl; when a neighbour is missing or
+diverged the grid point stands. The uncertainty comes from a bootstrap over seeds within the cell through the
+same estimator, plus the grid's resolution: a grid-point optimum is only known to within ±Δ/2 of a grid step Δ
+(standard deviation Δ/√12). A parabola's optimum keeps that whole term (on a loss four times steeper above the
+optimum than below it is off by about 0.28 Δ); a bowl fit's keeps a third of it (shapes outside its families
+leave errors of up to about 0.2 Δ, benchmarks/asymmetric_optimum.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
+from scaling_lab.analysis.bowl import POINTS_PER_SIDE, bowl_window, fit_bowl, refit_bowls
+
 MIN_FINITE_POINTS = 3
-REFINED_RESOLUTION = 0.2  # a refined optimum's grid error as a share of an unrefined one's (module docstring)
+BOWL_RESOLUTION = 1 / 3  # a bowl fit's grid error as a share of a grid point's (module docstring)
 Z95 = 1.959963984540054
 
 NEAR_EDGE_FRACTION = 0.1  # an optimum is "near the edge" when this share of bootstrap resamples puts it there
@@ -48,9 +53,14 @@ class CellOptimum:
     log_sigma: float | None
     optimum_metric: float | None
     refined: bool
+    estimator: str
+    estimator_reason: str
+    parabola_optimum: float | None
+    suggested: tuple[float, ...]
     near_optimal: tuple[float, float] | None
     flags: tuple[str, ...]
     bootstrap_log_optimum: np.ndarray = field(repr=False, compare=False)
+    bowl_shape: tuple[int, float] | None = field(default=None, repr=False, compare=False)  # family, λ × grid step
 
     def exclusion(self, keep_edge: bool = False) -> str | None:
         """Why this optimum does not enter a law fit, or None when it does."""
@@ -84,7 +94,11 @@ class CellOptimum:
             "optimum_ci95": [self.optimum_low, self.optimum_high],
             "log_sigma": self.log_sigma,
             "optimum_metric": self.optimum_metric,
-            "refined_by_parabola": self.refined,
+            "refined": self.refined,
+            "estimator": self.estimator,
+            "estimator_reason": self.estimator_reason,
+            "parabola_optimum": self.parabola_optimum,
+            "suggested_values": list(self.suggested),
             "near_optimal_range": list(self.near_optimal) if self.near_optimal else None,
             "flags": list(self.flags),
             "n_trials": self.n_trials,
@@ -167,10 +181,28 @@ def find_optima(
     }
     columns["model"] = model.codes[order]
     optima = []
+    cells = []
     for start, stop in itertools.pairwise(bounds):
         cell = {name: values[start:stop] for name, values in columns.items()}
         model_name = str(model.categories[cell["model"][0]])
+        cells.append((cell, model_name))
         optima.append(_cell_optimum(cell, model_name, axis, fixed_columns, maximize, n_bootstrap, rng, tolerance))
+    # Four points cannot choose a bowl's shape: cells with four take the shape most cells of their model (at the
+    # same fixed values) chose from five or more, with its steepness; the two half-parabolas when none chose.
+    shapes: dict[tuple, list[tuple[int, float]]] = {}
+    for optimum in optima:
+        if optimum.bowl_shape is not None:
+            shapes.setdefault((optimum.model, optimum.held_fixed), []).append(optimum.bowl_shape)
+    for index, optimum in enumerate(optima):
+        chosen = shapes.get((optimum.model, optimum.held_fixed))
+        if optimum.estimator_reason.startswith("4 points") and chosen:
+            families = [family for family, _ in chosen]
+            family = max(set(families), key=lambda f: (families.count(f), -f))
+            steepness = float(np.median([s for f, s in chosen if f == family]))
+            cell, model_name = cells[index]
+            optima[index] = _cell_optimum(
+                cell, model_name, axis, fixed_columns, maximize, n_bootstrap, rng, tolerance, (family, steepness)
+            )
     return optima
 
 
@@ -183,6 +215,7 @@ def _cell_optimum(
     n_bootstrap: int,
     rng: np.random.Generator,
     tolerance: float,
+    assumed_shape: tuple[int, float] | None = None,
 ) -> CellOptimum:
     _, first_index, point_index = np.unique(np.round(np.log(cell[axis]), 9), return_index=True, return_inverse=True)
     grid = cell[axis][first_index].astype(float)
@@ -206,6 +239,12 @@ def _cell_optimum(
     resampled = _resampled_means(per_seed, present, any_diverged, means, n_bootstrap, rng)
     bootstrap, bootstrap_best, _, _ = locate_optima(log_grid, resampled)
 
+    bowl = _bowl_optimum(log_grid, means, resampled, int(best), refined, assumed_shape)
+    parabola_log_optimum = log_optimum
+    if bowl.log_optimum is not None:
+        log_optimum, value = bowl.log_optimum, bowl.value
+        bootstrap = np.where(np.isfinite(bowl.bootstrap), bowl.bootstrap, bootstrap)
+
     point_diverged = np.isinf(means)
     n_finite = int(np.isfinite(means).sum())
     flags = []
@@ -224,7 +263,7 @@ def _cell_optimum(
             flags.append("edge_high")
         elif np.mean(bootstrap_best == last) > NEAR_EDGE_FRACTION:
             flags.append("near_edge_high")
-        if not refined:
+        if not refined and bowl.log_optimum is None:
             flags.append("not_refined")
         within = np.flatnonzero(means <= means[best] + tolerance * abs(means[best]))
         near_optimal = (float(grid[within.min()]), float(grid[within.max()]))
@@ -234,12 +273,21 @@ def _cell_optimum(
         flags.append("some_diverged")
 
     optimum = optimum_low = optimum_high = log_sigma = optimum_metric = None
+    suggested: tuple[float, ...] = ()
     if n_finite:
-        resolution = _grid_step(log_grid, best) / math.sqrt(12) * (REFINED_RESOLUTION if refined else 1.0)
+        step = _grid_step(log_grid, best)
+        resolution = step / math.sqrt(12) * (BOWL_RESOLUTION if bowl.log_optimum is not None else 1.0)
         spread = bootstrap[np.isfinite(bootstrap)]
         low_q, high_q = np.percentile(spread, [2.5, 97.5]) if spread.size else (log_optimum, log_optimum)
         below = math.hypot(max(log_optimum - low_q, 0.0), Z95 * resolution)
         above = math.hypot(max(high_q - log_optimum, 0.0), Z95 * resolution)
+        if bowl.log_optimum is not None and refined:
+            moved = log_optimum - parabola_log_optimum
+            if (moved > 0 and moved > below) or (moved < 0 and -moved > above):
+                flags.append("asymmetric")  # the symmetric parabola's optimum lies outside this one's interval
+        if refined or bowl.log_optimum is not None:
+            # half a grid step either side of the optimum: where the bowl's shape decides the optimum
+            suggested = tuple(float(math.exp(log_optimum + side * step / 2)) for side in (-1, 1))
         optimum = math.exp(log_optimum)
         optimum_low, optimum_high = math.exp(log_optimum - below), math.exp(log_optimum + above)
         log_sigma = math.sqrt((float(spread.var()) if spread.size > 1 else 0.0) + resolution**2)
@@ -264,11 +312,68 @@ def _cell_optimum(
         optimum_high=optimum_high,
         log_sigma=log_sigma,
         optimum_metric=optimum_metric,
-        refined=bool(refined),
+        refined=bool(refined) or bowl.log_optimum is not None,
+        estimator=bowl.estimator,
+        estimator_reason=bowl.reason,
+        parabola_optimum=float(math.exp(parabola_log_optimum)) if refined else None,
+        suggested=suggested if ("asymmetric" in flags or bowl.log_optimum is None) else (),
         near_optimal=near_optimal,
         flags=tuple(flags),
         bootstrap_log_optimum=bootstrap,
+        bowl_shape=bowl.shape,
     )
+
+
+@dataclass(frozen=True)
+class _Bowl:
+    estimator: str
+    reason: str
+    log_optimum: float | None = None
+    value: float | None = None
+    bootstrap: np.ndarray | None = None
+    shape: tuple[int, float] | None = None  # family and λ × grid step, where five points or more chose them
+
+
+def _bowl_optimum(
+    log_grid: np.ndarray,
+    means: np.ndarray,
+    resampled: np.ndarray,
+    best: int,
+    refined: bool,
+    shape: tuple[int, float] | None = None,
+) -> _Bowl:
+    """The asymmetric bowl fit around the best point, or why the parabola (or the grid point) stands."""
+    if not np.isfinite(means[best]):
+        return _Bowl("none", "no finite point")
+    window = bowl_window(means, best)
+    if window is None:
+        finite = np.isfinite(means)
+        below = 0
+        while best - below - 1 >= 0 and finite[best - below - 1] and below < POINTS_PER_SIDE:
+            below += 1
+        above = 0
+        while best + above + 1 < len(means) and finite[best + above + 1] and above < POINTS_PER_SIDE:
+            above += 1
+        missing = f"{below} finite point{'s' if below != 1 else ''} below the best, {above} above"
+        if refined:
+            return _Bowl("parabola", f"{missing} (a bowl fit needs 4 with one on each side): symmetry assumed")
+        return _Bowl("grid point", f"{missing}: the best grid point stands")
+    start, stop = window
+    # relative to the best point, so that a grid shifted in log α (another convention) gives the same fit, shifted
+    origin = log_grid[best]
+    points, low, high = log_grid[start:stop] - origin, log_grid[best - 1] - origin, log_grid[best + 1] - origin
+    step = _grid_step(log_grid, best)
+    fit = fit_bowl(points, means[start:stop], low, high, step, shape)
+    if fit is None:
+        return _Bowl("parabola" if refined else "grid point", "no bowl with positive curvatures fits")
+    bootstrap = refit_bowls(points, resampled[:, start:stop], low, high, fit)[0] + origin
+    fit = replace(fit, log_optimum=fit.log_optimum + origin)
+    if stop - start >= 5:
+        reason = f"{stop - start} points, best of four bowl shapes by least squares"
+        return _Bowl(fit.label, reason, fit.log_optimum, fit.value, bootstrap, (fit.family, fit.steepness * step))
+    source = "the shape most cells of this model chose" if shape else "no cell of this model chose a shape"
+    reason = f"4 points, one on a side: too few to choose a shape ({source})"
+    return _Bowl(fit.label, reason, fit.log_optimum, fit.value, bootstrap)
 
 
 def _resampled_means(
@@ -298,11 +403,10 @@ def _resampled_means(
         lowest = np.where(stretched, means + inflation * (lowest - means), lowest)
         highest = np.where(stretched, means + inflation * (highest - means), highest)
     reachable = lowest <= highest.min()
-    candidates = (
-        reachable
-        | np.roll(reachable, 1) & (np.arange(len(means)) > 0)
-        | np.roll(reachable, -1) & (np.arange(len(means)) < len(means) - 1)
-    )
+    # the bowl fit reads up to POINTS_PER_SIDE neighbours on each side of any point that can be the best
+    index = np.arange(len(means))
+    reachable_index = np.flatnonzero(reachable)
+    candidates = np.any(np.abs(index[:, None] - reachable_index[None, :]) <= POINTS_PER_SIDE, axis=1)
 
     resampled = np.full((n_bootstrap, len(means)), np.inf)
     columns = np.flatnonzero(candidates)

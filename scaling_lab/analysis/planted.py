@@ -1,7 +1,8 @@
 """Synthetic results with a known law, for testing the analysis and benchmarking it.
 
-The metric is a loss that is a parabola in log α (and in log learning rate) around the planted optima, plus
-Gaussian seed noise; α far above the optimum diverges. Columns follow the results schema's names.
+The metric is a loss that is a bowl in log α around the planted optima (a parabola unless another shape is given:
+two half-parabolas, an exponential wall above the optimum), a parabola in log learning rate, plus Gaussian seed
+noise; α far above the optimum diverges. Columns follow the results schema's names.
 `planted_surface_trials` plants any loss surface over α × learning rate instead: a ridge in α·lr, or α and the
 learning rate with optima of their own, for the equivalence test.
 """
@@ -16,6 +17,29 @@ import pandas as pd
 from scaling_lab.analysis.conventions import effective_scale
 
 RankLaw = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Bowl = Callable[[np.ndarray, np.ndarray], np.ndarray]  # excess loss at (log α − log α*, rank); minimum 0 at 0
+
+
+def two_sided(curvature: float = 0.05, steeper_above: float | Callable[[np.ndarray], np.ndarray] = 1.0) -> Bowl:
+    """Two half-parabolas: `curvature`·d² below the optimum, `steeper_above` times that above it (a number, or a
+    function of the rank for an asymmetry that changes with rank)."""
+
+    def excess(distance: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        ratio = steeper_above(rank) if callable(steeper_above) else steeper_above
+        return curvature * np.where(distance > 0, ratio, 1.0) * distance**2
+
+    return excess
+
+
+def exponential_wall(curvature: float = 0.05, steepness: float = 1.5) -> Bowl:
+    """`curvature`·d² below the optimum, a wall 2·curvature·(e^{λd} − 1 − λd)/λ² above it (the same curvature
+    at the optimum, then exponential, like a loss approaching divergence)."""
+
+    def excess(distance: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        above = 2 * curvature * (np.expm1(steepness * distance) - steepness * distance) / steepness**2
+        return np.where(distance > 0, above, curvature * distance**2)
+
+    return excess
 
 
 def power_law(c: float, k: float, m: float = 0.0, reference_size: float = 1e6) -> RankLaw:
@@ -33,6 +57,7 @@ def planted_trials(
     learning_rates: Sequence[float] = (1e-4,),
     optimal_learning_rate: RankLaw | None = None,
     curvature: float = 0.05,
+    bowl: Bowl | None = None,
     noise: float = 0.002,
     diverge_above: float = 3.0,
     missing_fraction: float = 0.0,
@@ -42,6 +67,7 @@ def planted_trials(
     """Every combination of model × rank × α × learning rate × seed as one trial row, α applied under
     `scaling_rule` (the planted α* is in the standard convention: it is compared with the effective scale · r).
 
+    The loss is 1 + bowl(log α − log α*) (default: `curvature`·d², symmetric) + seed noise.
     `diverge_above` is in units of log α − log α*; `missing_fraction` of the rows is dropped at random."""
     rng = rng or np.random.default_rng(0)
     models = models or {"planted": 1e6}
@@ -58,7 +84,8 @@ def planted_trials(
     size = np.array([models[name] for name in names])[model_index]
     scale = effective_scale(alpha, rank, np.full(rank.size, scaling_rule))
     distance = np.log(scale * rank) - np.log(optimal_alpha(rank, size))
-    loss = 1.0 + curvature * distance**2 + rng.normal(0.0, noise, size=rank.size)
+    excess = bowl(distance, rank) if bowl is not None else curvature * distance**2
+    loss = 1.0 + excess + rng.normal(0.0, noise, size=rank.size)
     if optimal_learning_rate is not None:
         loss += curvature * (np.log(learning_rate) - np.log(optimal_learning_rate(rank, size))) ** 2
     diverged = distance > diverge_above

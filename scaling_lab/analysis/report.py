@@ -28,17 +28,27 @@ VERSIONED_PACKAGES = ["scaling_lab", "numpy", "scipy", "pandas", "pyarrow", "mat
 METHOD = """\
 - **Optimum per cell.** The metric is averaged over seeds at each α of the grid; a point where any seed diverged
   counts as worse than every finite one (never as missing); rows with status error or oom are left out and counted.
-  The best point is refined by a parabola in log α through it and its two neighbours (the grid point stands when
-  a neighbour is missing or diverged). A parabola through three points is exact for a loss parabolic in log α; on
-  a loss that rises faster above the optimum than below it shifts every optimum alike, which biases c but hardly
-  k. The learning rate, where it is an axis, is optimized the same way at each fixed α, and the metric plot shows
-  each model at its best learning rate.
+  Real curves are asymmetric in log α (steep towards divergence), and a parabola through the best point and its
+  two neighbours assumes a symmetric bowl: on a loss four times steeper above the optimum than below it puts the
+  optimum about 0.28 grid steps too low. So where the best point and its finite neighbours up to two grid points
+  away make five points or more, the optimum is the vertex of an asymmetric bowl fitted to them by least squares:
+  the best of four shapes (two half-parabolas with separate curvatures; a parabola below and an exponential wall
+  above; the mirror of that; a linex, 2·(e^{{λd}} − 1 − λd)/λ²). With four points, one on a side, which any one
+  shape fits exactly, the shape most cells of the model chose is fitted. Elsewhere the three-point parabola stands
+  (symmetry assumed) or, with a neighbour missing or diverged, the grid point. The column *estimator* says which
+  each cell used, and the table after it why. The learning rate, where it is an axis, is optimized the same way at
+  each fixed α, and the metric plot shows each model at its best learning rate.
 - **Uncertainty of an optimum.** {n_bootstrap} bootstrap resamples of the seeds within each cell (spread
-  corrected by √(S/(S−1)) for S seeds), combined with the grid's resolution (grid step/√12, a fifth of that for a
-  refined optimum).
+  corrected by √(S/(S−1)) for S seeds), each refitted by the same estimator, combined with the grid's resolution:
+  grid step/√12 for a parabola or a grid point (whose error on an asymmetric bowl reaches a third of a step), a
+  third of that for a bowl fit (shapes outside its four leave errors of up to about 0.2 steps).
+- **asymmetric** (flag): the bowl fit moved the optimum away from the symmetric parabola's by more than its own
+  95% interval. *Suggested α*: for such cells, and for cells where the bowl could not be fitted, the two values
+  half a grid step either side of the optimum; running them (`study verify`, or the adaptive search) pins the
+  bowl's shape where it decides the optimum.
 - **Flags.** edge_low / edge_high: the best point is the smallest / largest value tried; near_edge_*: over 10% of
-  resamples put it there; too_few_points: fewer than 3 finite points; all_diverged; not_refined; flat_to_edge:
-  points within {tolerance:.2%} of the best reach the edge of the range; some_diverged.
+  resamples put it there; too_few_points: fewer than 3 finite points; all_diverged; not_refined; asymmetric;
+  flat_to_edge: points within {tolerance:.2%} of the best reach the edge of the range; some_diverged.
   {edge_policy}
 - **Law.** Weighted least squares of log optimum on log r (and log N for the joint law), weights 1/σ². Each 95%
   interval is the wider, on each side, of the bootstrap percentile interval (the law refitted on every resample of
@@ -136,6 +146,7 @@ def _cell_rows(fit: StudyFit, cells: Sequence[CellOptimum], near_optimal: bool =
                 str(cell.n_seeds),
                 f"{cell.n_trials - cell.n_diverged}/{cell.n_trials}",
                 flags + (f" → not used ({reason})" if reason else ""),
+                cell.estimator,
                 *([_interval_text(*cell.near_optimal) if cell.near_optimal else "—"] if near_optimal else []),
             ]
         )
@@ -155,6 +166,7 @@ def _cell_header(fit: StudyFit, cells: Sequence[CellOptimum], symbol: str, near_
         "seeds",
         "finite/trials",
         "flags",
+        "estimator",
         *tolerance,
     ]
 
@@ -569,6 +581,7 @@ def format_markdown(fit: StudyFit, plot_names: Sequence[str]) -> str:
     if SECTION_PLOTS[1] in plot_names:
         lines += ["## Training diagnostics", "", DIAGNOSTICS_TEXT, ""] + _figure(SECTION_PLOTS[1])
     lines += ["## Optimum per cell", ""] + _markdown_cells(fit, fit.alpha_cells, "α*") + [""]
+    lines += _markdown_estimators(fit.alpha_cells, "α")
     if fit.learning_rate_is_axis:
         lines += ["## Learning rate", "", LEARNING_RATE_TEXT, ""]
         lines += _markdown_mu_a(fit) + [""]
@@ -656,3 +669,21 @@ def _markdown_cells(fit: StudyFit, cells: Sequence[CellOptimum], symbol: str) ->
     return _markdown_table(
         _cell_header(fit, cells, symbol, near_optimal=True), _cell_rows(fit, cells, near_optimal=True)
     )
+
+
+def _markdown_estimators(cells: Sequence[CellOptimum], symbol: str) -> list[str]:
+    """Why each cell's estimator, and the values to add where the bowl's shape is unknown or moved the optimum."""
+    lines = [
+        f"**Estimator per cell** (see Method). *Suggested {symbol}*: values to add (`study verify`, or the adaptive "
+        "search) where the bowl could not be fitted or moved the optimum by more than its interval.",
+        "",
+    ]
+    rows = []
+    for cell in cells:
+        if cell.optimum is None:
+            continue
+        parabola = _number(cell.parabola_optimum) if cell.parabola_optimum is not None else "—"
+        suggested = ", ".join(_number(value) for value in cell.suggested) or "—"
+        rows.append([cell.label(), cell.estimator, cell.estimator_reason, _number(cell.optimum), parabola, suggested])
+    header = ["cell", "estimator", "why", f"{symbol}*", "3-point parabola", f"suggested {symbol}"]
+    return lines + _markdown_table(header, rows) + [""]
