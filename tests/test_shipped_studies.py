@@ -16,6 +16,7 @@ SCALED_DOWN = [
     "data={source: 'synthetic:markov-shift', train_examples: 64, eval_examples: 8}",
     "training={steps: 2, batch_size: 4, seq_len: 16, eval_every: 1, eval_batches: 1, diagnostics_every: 1}",
 ]
+LLAMA_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def test_studies_are_shipped():
@@ -34,7 +35,11 @@ def test_spec_validates_and_plans(path):
 @pytest.mark.real
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_spec_runs_scaled_down(path, tmp_path, tiny_cache):
-    spec = spec_lib.load(path, SCALED_DOWN)
+    """Every shipped spec on a tiny Llama: LoRA on all its linear layers where the spec names another
+    architecture's modules (MiniLM's query, key, value)."""
+    targets = spec_lib.load(path).lora.target_modules
+    on_llama = isinstance(targets, str) or set(targets) <= LLAMA_LINEAR
+    spec = spec_lib.load(path, SCALED_DOWN + ([] if on_llama else ["lora.target_modules=all-linear"]))
     trials = expand(spec)
     chosen = [trials[0], trials[-1]] if len(trials) > 1 else trials
     group = {
