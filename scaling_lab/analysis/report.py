@@ -342,7 +342,7 @@ def law_document(fit: StudyFit) -> dict:
         "warnings": list(fit.warnings),
         "versions": package_versions(),
     }
-    return _finite(document)
+    return verification.json_safe(document)
 
 
 def package_versions() -> dict[str, str]:
@@ -362,15 +362,6 @@ def _equivalent_forms(law: PowerLaw) -> dict:
     return forms
 
 
-def _finite(value):
-    """JSON has no NaN or infinity: write null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def write_outputs(fit: StudyFit, out_dir: Path) -> list[Path]:

@@ -316,7 +316,7 @@ def record(out_dir: Path, entries: Sequence[Verification]) -> list[Path]:
     section); both must exist (written by `fit`)."""
     law_path, report_path = out_dir / "law.json", out_dir / "report.md"
     document = json.loads(law_path.read_text())
-    new = [_finite(entry.to_dict()) for entry in entries]
+    new = [json_safe(entry.to_dict()) for entry in entries]
     document["verification"] = merge_entries(document.get("verification") or [], new)
     law_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     report = report_path.read_text() if report_path.exists() else ""
@@ -419,11 +419,12 @@ def _rule_regret(rule: dict | None) -> str:
     return _regret(rule["regret"], rule["outside_measured_alphas"], True) + f" (α {rule['alpha']:.4g})"
 
 
-def _finite(value):
+def json_safe(value):
+    """JSON has no NaN or infinity: null instead."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite(v) for key, v in value.items()}
+        return {key: json_safe(v) for key, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
