@@ -195,7 +195,7 @@ def _read_hub_split(data: DataSpec, split: str) -> pd.DataFrame:
     import datasets
 
     dataset_id, _, config_name = data.source.removeprefix("hf:").partition(":")
-    table = datasets.load_dataset(dataset_id, config_name or None, split=split).to_pandas()
+    table = datasets.load_dataset(dataset_id, config_name or None, split=split, revision=data.revision).to_pandas()
     return _check_table(table, data, f"{data.source} split {split!r}")
 
 
