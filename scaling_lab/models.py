@@ -341,7 +341,7 @@ def ensure_tiny_model(size: str, cache_dir: Path) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             started = time.perf_counter()
-            pretrain_tiny(size).save_pretrained(staging)
+            _save(pretrain_tiny(size), staging)
             record = {"size": size, "pretraining": TINY_PRETRAINING, "seconds": time.perf_counter() - started}
             (staging / "pretraining.json").write_text(json.dumps(record, indent=2))
             os.rename(staging, directory)
@@ -349,6 +349,18 @@ def ensure_tiny_model(size: str, cache_dir: Path) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return directory
+
+
+def _save(model: PreTrainedModel, directory: Path) -> None:
+    """Config and weights, written by whichever process calls this: save_pretrained writes nothing on a worker
+    whose torch.distributed rank is not 0, and a tiny model may be first needed on any worker."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(directory)
+    weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    if not (directory / "config.json").is_file():
+        raise RuntimeError(f"{directory}: the model's config was not written")
 
 
 @contextmanager

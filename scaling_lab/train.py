@@ -235,6 +235,8 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
     started_setup = time.perf_counter()
     deepspeed = import_deepspeed()
     ensure_process_group()
+    # DeepSpeed's own view of the process group: a ZeRO-3 base loads before the engine that would set it up.
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     rank, world_size = world()
     micro = micro_batch_size(config, world_size)
     if config.training.batch_size % (micro * world_size):
