@@ -155,7 +155,7 @@ def remove_adapter(base: BaseModel, peft_model) -> None:
     network = peft_model.unload()  # PEFT puts the original modules back in place of the LoRA layers
     if network is not base.model:
         raise RuntimeError("PEFT returned another model than the base it wrapped")
-    if network.is_activation_checkpointing:
+    if any(getattr(module, "gradient_checkpointing", False) for module in network.modules()):
         network.gradient_checkpointing_disable()
     if getattr(network, "_require_grads_hook", None) is not None:
         network.disable_input_require_grads()
@@ -183,10 +183,14 @@ def _load(model: ModelSpec, cache_dir: Path, precision: str, zero3_config: dict 
     # A fixed seed for weights the checkpoint lacks (a new classification head), whatever the global RNG holds.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        if zero3_config is None:
+        files = _safetensors_files(location, options)
+        tiny = model.source.startswith(TINY_PREFIX)  # loaded as ever: the published default study's curves
+        if zero3_config is None and files is not None and not seq_cls and not tiny:
+            network = _load_streamed(location, auto, dtype, options, files)
+        elif zero3_config is None:  # a tiny model, a new classifier head to initialize, or no safetensors
             network = auto.from_pretrained(location, dtype=dtype, **options, **head)
         else:
-            network, context = _load_partitioned(location, auto, dtype, zero3_config, options, head, seq_cls)
+            network, context = _load_partitioned(location, auto, dtype, zero3_config, options, head, seq_cls, files)
     tokenizer = None if model.source.startswith(TINY_PREFIX) else _tokenizer(location, options)
     if tokenizer is not None and network.config.pad_token_id is None:
         network.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find the last token by it
@@ -212,7 +216,34 @@ def _tokenizer(location: str, options: dict) -> Any | None:
     return tokenizer
 
 
-def _load_partitioned(location: str, auto, dtype, ds_config: dict, options: dict, head: dict, seq_cls: bool):
+def _load_streamed(location: str, auto, dtype, options: dict, files: list[Path]) -> PreTrainedModel:
+    """The model's empty weights in the training precision, then the checkpoint copied in one weight at a time
+    with plain reads: the worker holds the model once, never the model plus a memory-mapped checkpoint (which
+    from_pretrained maps whole, in the checkpoint's precision)."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        network = auto.from_config(AutoConfig.from_pretrained(location, **options), dtype=dtype)
+    network.tie_weights()
+    checkpoint = SafetensorsReader(files)
+    prefix = getattr(network, "base_model_prefix", "")
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            found = checkpoint.find(name, prefix)
+            if found is None:
+                raise ValueError(f"{location}: the checkpoint has no weight {name}")
+            param.copy_(checkpoint.read(found))
+        for name, buffer in network.named_buffers():
+            found = checkpoint.find(name, prefix)
+            if found is not None:
+                buffer.copy_(checkpoint.read(found))
+    return network.eval()
+
+
+def _load_partitioned(location: str, auto, dtype, ds_config: dict, options: dict, head: dict, seq_cls: bool,
+                      files: list[Path] | None):
     """The model built under deepspeed.zero.Init (each worker keeps 1/world of every weight), then its checkpoint
     copied in one weight at a time: worker 0 reads the weight from disk, the gathered weight takes it, and
     leaving the gather partitions it again. Plain reads, no memory map, so no worker's memory ever holds more
@@ -223,7 +254,6 @@ def _load_partitioned(location: str, auto, dtype, ds_config: dict, options: dict
     from transformers.integrations import HfDeepSpeedConfig
 
     context = HfDeepSpeedConfig(ds_config)  # while it lives, transformers builds models under deepspeed.zero.Init
-    files = _safetensors_files(location, options)
     if files is None:  # no safetensors: transformers' own ZeRO-3 loading (worker 0 reads the whole checkpoint)
         return auto.from_pretrained(location, dtype=dtype, **options, **head), context
     network = auto.from_config(AutoConfig.from_pretrained(location, **options, **head), dtype=dtype)

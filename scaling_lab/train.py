@@ -121,7 +121,8 @@ def micro_batch_size(config: TrialConfig, world_size: int) -> int:
     return config.training.micro_batch_size or config.training.batch_size // world_size
 
 
-def deepspeed_config(config: TrialConfig, world_size: int) -> dict:
+def deepspeed_config(config: TrialConfig, world_size: int, model_params: int | None = None) -> dict:
+    """The trial's DeepSpeed config; with `model_params` (the base's size), ZeRO-3's buffers sized to the model."""
     batch, stage = config.training.batch_size, config.deepspeed.zero_stage
     micro = micro_batch_size(config, world_size)
     zero: dict = {"stage": stage}
@@ -129,6 +130,13 @@ def deepspeed_config(config: TrialConfig, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     if config.deepspeed.offload and stage == 3:
         zero["offload_param"] = {"device": "cpu"}
+    if stage == 3 and model_params:
+        # DeepSpeed's defaults (1e9 live parameters, 5e8-element buckets) keep a model of a few billion parameters
+        # whole on every worker between its forward and backward pass, and add a 2 GB gradient bucket: at most an
+        # eighth of the model is gathered at once here (sized by the model, as transformers' "auto" values are).
+        live, bucket = max(model_params // 8, 10**6), max(model_params // 16, 10**6)
+        zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live,
+                    stage3_prefetch_bucket_size=bucket, reduce_bucket_size=bucket)
     ds = {
         "train_batch_size": batch,
         "train_micro_batch_size_per_gpu": micro,
@@ -251,6 +259,7 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
     # Under ZeRO-3 it is loaded partitioned, as the engine's config says.
     base = models.load_base(config.model, cache_dir, config.deepspeed.precision,
                             ds_config if config.deepspeed.zero_stage == 3 else None)
+    ds_config = deepspeed_config(config, world_size, model_params=base.num_params)
     started_data = time.perf_counter()
     task = data_lib.load_task(
         config.data,
@@ -283,6 +292,7 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
             model_params=base.num_params,
             trainable_params=sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
             model_commit=base.commit,
+            setup_time_s=time.perf_counter() - started_setup,
             data_time_s=data_time_s,
         )
         clip_here = config.optimizer.grad_clip if clips_outside_deepspeed(config) else None
@@ -298,7 +308,6 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
         signal_drift = diagnostics.SignalDrift(lambda: _probe_loss(engine.module, probe_batch), trainable)
 
         start_step = checkpoint.restore_engine(checkpoints, engine, outcome, batches) if checkpoints else 0
-        outcome.setup_time_s = time.perf_counter() - started_setup
         started = time.perf_counter()
         steps_over_limit = 0
         for step in range(start_step + 1, total_steps + 1):
