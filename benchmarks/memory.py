@@ -196,7 +196,7 @@ def main() -> None:
             setup, data_time = rows["setup_time_s"].tolist(), rows["data_time_s"].tolist()
             print(f"ZeRO-{zero_stage} {precision}: idle worker {workers[0]['baseline_mb']:,.0f} MB; peak above it "
                   f"{above[0]:,.0f} / {above[1]:,.0f} MB per worker = {above[0] / model_mb:.2f} / "
-                  f"{above[1] / model_mb:.2f} × the model's {model_mb:,.0f} MB; set-up first {setup[0]:.1f} s, "
+                  f"{above[1] / model_mb:.2f} × the model's {model_mb:,.0f} MB; set-up (model + data) first {setup[0]:.1f} s, "
                   f"later {setup[1]:.2f} s; data first {data_time[0]:.2f} s, later {data_time[1]:.4f} s", flush=True)
             summary.append({"configuration": f"ZeRO-{zero_stage} {precision}",
                             "memory ratio": max(above) / model_mb, "target": TARGETS[zero_stage],

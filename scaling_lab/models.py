@@ -270,7 +270,7 @@ def _load_partitioned(location: str, auto, dtype, ds_config: dict, options: dict
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if loads_here:
                 param.data.copy_(checkpoint.read(names[name]))
-    return network, context
+    return network.eval(), context
 
 
 def _safetensors_files(location: str, options: dict) -> list[Path] | None:

@@ -270,6 +270,7 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
         base_dir=base_dir,
     )
     data_time_s = time.perf_counter() - started_data
+    setup_time_s = time.perf_counter() - started_setup
     torch.manual_seed(config.seed)
     with fresh_adapter(config, base) as model:
         if config.deepspeed.gradient_checkpointing:
@@ -292,7 +293,7 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
             model_params=base.num_params,
             trainable_params=sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
             model_commit=base.commit,
-            setup_time_s=time.perf_counter() - started_setup,
+            setup_time_s=setup_time_s,
             data_time_s=data_time_s,
         )
         clip_here = config.optimizer.grad_clip if clips_outside_deepspeed(config) else None
