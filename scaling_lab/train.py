@@ -134,9 +134,10 @@ def deepspeed_config(config: TrialConfig, world_size: int, model_params: int | N
         # DeepSpeed's defaults (1e9 live parameters, 5e8-element buckets) keep a model of a few billion parameters
         # whole on every worker between its forward and backward pass, and add a 2 GB gradient bucket: at most an
         # eighth of the model is gathered at once here (sized by the model, as transformers' "auto" values are).
+        # Prefetching is off: with fewer live parameters it left weights in flight (an assertion in DeepSpeed 0.19).
         live, bucket = max(model_params // 8, 10**6), max(model_params // 16, 10**6)
-        zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live,
-                    stage3_prefetch_bucket_size=bucket, reduce_bucket_size=bucket)
+        zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live, stage3_prefetch_bucket_size=0,
+                    reduce_bucket_size=bucket)
     ds = {
         "train_batch_size": batch,
         "train_micro_batch_size_per_gpu": micro,
