@@ -128,16 +128,19 @@ def data_worker(rank: int, port: int, spec_dict: dict, report: str) -> None:
     tokenizer = models._tokenizer(config.model.source, {})
     baseline = peak_rss_mb()
     started = time.perf_counter()
-    task = data.load_task(config.data, kind="causal_lm", tokenizer=tokenizer, vocab_size=VOCAB_SIZE,
-                          seq_len=config.training.seq_len, base_dir=ROOT)
+    task = data.load_task(config.data, config.training, kind="causal_lm", tokenizer=tokenizer,
+                          vocab_size=VOCAB_SIZE, base_dir=ROOT, cache_dir=Path(report) / "cache")
     batches = data.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
     tokens = bytes_read = 0
     for _ in range(2 * config.training.total_steps):  # the group's 2 trials
         batch = next(batches)
         tokens += batch["input_ids"].numel()
         bytes_read += batch["input_ids"].numel() * batch["input_ids"].element_size()
-    held_out = task.eval["input_ids"][: config.training.eval_batches * config.training.batch_size]
-    bytes_read += 2 * held_out.numel() * held_out.element_size()
+    import torch
+
+    held_out = task.eval.batch(torch.arange(min(len(task.eval),
+                                                config.training.eval_batches * config.training.batch_size)))
+    bytes_read += 2 * held_out["input_ids"].numel() * held_out["input_ids"].element_size()
     Path(report, "data.json").write_text(json.dumps({
         "baseline_mb": baseline, "peak_mb": peak_rss_mb(), "seconds": time.perf_counter() - started,
         "tokens": tokens, "bytes_read": bytes_read,

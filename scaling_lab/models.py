@@ -64,6 +64,8 @@ TINY_CODE_VERSION = 1
 
 _HUB_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+PACKAGE_PREFIX = "package:"
+_PACKAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -110,11 +112,40 @@ def is_hub_source(source: str) -> bool:
 
 
 def _local_directory(source: str) -> Path | None:
-    """The path `source` names, if it looks like one or exists on disk; otherwise it is a hub id."""
+    """The path `source` names, if it looks like one or exists on disk; otherwise it is a hub id.
+
+    `package:<import name>[/<folder>]` is a model folder shipped inside an installed Python package.
+    """
+    if source.startswith(PACKAGE_PREFIX):
+        return package_model_directory(source)
     path = Path(source).expanduser()
     if source.startswith(("/", "./", "../", "~")) or path.exists():
         return path
     return None
+
+
+def model_location(source: str) -> str:
+    """What from_pretrained is given for a local or package `source`: its directory; a hub id as it is."""
+    directory = _local_directory(source)
+    return str(directory) if directory is not None else source
+
+
+def package_model_directory(source: str) -> Path:
+    """The folder of `package:<name>[/<folder>]`: <folder> inside the package, or else the package's only folder
+    holding a config.json (the package itself first). Finds the package without importing it."""
+    import importlib.util
+
+    name, _, folder = source.removeprefix(PACKAGE_PREFIX).partition("/")
+    found = importlib.util.find_spec(name) if _PACKAGE_NAME.fullmatch(name) else None
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(
+            f"package {name!r} is not installed; install it with: python -m pip install {name.replace('_', '-')}"
+        )
+    package_dir = Path(next(iter(found.submodule_search_locations)))
+    if folder:
+        return package_dir / folder
+    configs = sorted(package_dir.rglob("config.json"), key=lambda path: (len(path.parts), str(path)))
+    return configs[0].parent if configs else package_dir
 
 
 # ---- loading ----

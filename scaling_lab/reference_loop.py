@@ -30,14 +30,15 @@ def run(config: TrialConfig, cache_dir: Path, base_dir: Path, evaluate: bool = F
     a GPU, as a researcher's own loop would)."""
     shared = models.load_base(config.model, cache_dir)
     base = dataclasses.replace(shared, model=copy.deepcopy(shared.model))  # cast and moved below: a private copy
-    task = data.load_task(config.data, kind="causal_lm", tokenizer=None, vocab_size=base.vocab_size,
-                          seq_len=config.training.seq_len, base_dir=base_dir)
+    task = data.load_task(config.data, config.training, kind="causal_lm", tokenizer=None,
+                          vocab_size=base.vocab_size, base_dir=base_dir, cache_dir=cache_dir)
     torch.manual_seed(config.seed)
     model = lora_model(config, base).to(device=device, dtype=dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate)
     batches = data.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
-    held_out = {k: v.to(device) for k, v in task.eval.items()}
+    held_out = task.eval.batch(torch.arange(len(task.eval)))
+    held_out = {k: v.to(device) for k, v in held_out.items()}
     total_steps = config.training.total_steps
     if evaluate:
         held_out_loss(model, held_out, config)

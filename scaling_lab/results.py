@@ -339,12 +339,22 @@ def load_curves(root: str | os.PathLike | Store, trial_ids: list[str] | None = N
 
 
 def versions_json(packages: list[str]) -> str:
+    """The installed versions of `packages` (those installed) and of Python (builtin text tasks depend on it)."""
+    import platform
     from importlib import metadata
 
-    found = {}
+    found = {"python": platform.python_version()}
     for name in packages:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
     return json.dumps(found, sort_keys=True)
+
+
+if __name__ == "__main__":  # python -m scaling_lab.results export RESULTS --to ...: scaling_lab/tracking/export.py
+    import sys
+
+    from scaling_lab.tracking.export import main
+
+    sys.exit(main())

@@ -18,11 +18,13 @@ import yaml
 
 from scaling_lab.early_stop import EarlyStopSettings
 from scaling_lab.search import SearchSettings
+from scaling_lab.tracking.settings import TrackingSettings
 
 SCALING_RULES = ("standard", "rslora", "fixed")
 MODEL_KINDS = ("causal_lm", "seq_cls")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 SYNTHETIC_TASKS = ("synthetic:markov-shift",)
+BUILTIN_TASKS = ("builtin:stdlib-docstrings",)  # real text generated at run time: scaling_lab/text_tasks.py
 TINY_PREFIX = "tiny:"
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 
@@ -202,7 +204,8 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The fine-tuning task: the offline synthetic task, a local JSONL/JSON/Parquet/CSV file, or hf:<dataset id>.
+    """The fine-tuning task: the offline synthetic task, a builtin text task (columns text and label), a local
+    JSONL/JSON/Parquet/CSV file, or hf:<dataset id>.
 
     Columns: text (loss on all tokens); or a prompt (one column, or a template over several) + completion
     (loss on completion tokens only); or chat messages (the last assistant turn is the completion, the turns
@@ -210,7 +213,7 @@ class DataSpec:
     """
 
     source: str = "synthetic:markov-shift"
-    revision: str | None = None  # a hub dataset's branch, tag or commit; part of the trial id
+    revision: str | None = None  # of a hub dataset (a branch, tag or commit); null: the hub's default branch
     text_column: str | None = None
     prompt_column: str | None = None
     prompt_template: str | None = None  # e.g. "{instruction}\n{input}\n": fields are column names
@@ -234,22 +237,27 @@ class DataSpec:
     def is_hub(self) -> bool:
         return self.source.startswith("hf:")
 
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith("builtin:")
+
     def check(self, path: str, base_dir: Path) -> None:
         if self.is_synthetic:
             _require(self.source in SYNTHETIC_TASKS, f"{path}.source", f"one of {list(SYNTHETIC_TASKS)}", self.source)
+        elif self.is_builtin:
+            _require(self.source in BUILTIN_TASKS, f"{path}.source", f"one of {list(BUILTIN_TASKS)}", self.source)
         elif not self.is_hub:
             file = resolve_path(self.source, base_dir)
             _require(
                 file.suffix in DATA_FILE_SUFFIXES,
                 f"{path}.source",
-                f"synthetic:<task>, hf:<dataset id> or a file ending in {'/'.join(DATA_FILE_SUFFIXES)}",
+                f"synthetic:<task>, builtin:<task>, hf:<dataset id> or a file ending in {'/'.join(DATA_FILE_SUFFIXES)}",
                 self.source,
             )
             if not file.is_file():
                 raise SpecError(f"{path}.source: data file {str(file)!r} does not exist")
         if self.revision is not None:
-            _require(self.is_hub and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}", self.revision) is not None,
-                     f"{path}.revision", "a branch, tag or commit hash, and only for hf: datasets", self.revision)
+            _require(self.is_hub, f"{path}.revision", "null unless source is hf:<dataset id>", self.revision)
         if not self.is_synthetic:
             has_prompt = (self.prompt_column is not None) + (self.prompt_template is not None)
             layouts = [
@@ -382,6 +390,7 @@ class StudySpec:
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     execution: Execution = field(default_factory=Execution)
     search: SearchSettings = field(default_factory=SearchSettings)  # grid or adaptive: scaling_lab/search.py
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)  # live logging: scaling_lab/tracking
 
     def results_dir(self, base_dir: Path = Path(".")) -> str:
         """A local path (relative ones resolved against base_dir) or a URI such as s3://bucket/prefix."""
@@ -412,6 +421,7 @@ class StudySpec:
         self.data.check("data", base_dir)
         self.execution.check("execution")
         self.search.check("search", self.grid.alpha_values())
+        self.tracking.check("tracking")
         if any(m.kind == "seq_cls" for m in self.models):
             _require(
                 not self.data.is_synthetic and self.data.label_column is not None,

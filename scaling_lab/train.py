@@ -183,10 +183,10 @@ def check_deepspeed_config(config: TrialConfig, world_size: int) -> None:
         raise ValueError(f"deepspeed.config: DeepSpeed rejects it: {type(exc).__name__}: {reason}") from None
 
 
-def evaluate(engine, split: dict[str, torch.Tensor], config: TrialConfig, device) -> tuple[float, float]:
+def evaluate(engine, split: data_lib.Split, config: TrialConfig, device) -> tuple[float, float]:
     """Held-out loss (mean per token, or per example for classification) and accuracy, over this worker's shard."""
     rank, world_size = world()
-    count = min(len(split["input_ids"]), config.training.eval_batches * config.training.batch_size)
+    count = min(len(split), config.training.eval_batches * config.training.batch_size)
     loss_sum = correct = total = 0.0
     engine.eval()
     with torch.no_grad():
@@ -194,7 +194,7 @@ def evaluate(engine, split: dict[str, torch.Tensor], config: TrialConfig, device
             # Every worker takes a share of every batch, so all run the same forward passes (ZeRO-3 gathers
             # parameters collectively in each); a worker left without rows scores one fully masked row.
             rows = torch.arange(start, min(start + config.training.batch_size, count)).tensor_split(world_size)[rank]
-            batch = {k: v[rows if len(rows) else [start]].to(device) for k, v in split.items()}
+            batch = {k: v.to(device) for k, v in split.batch(rows if len(rows) else torch.tensor([start])).items()}
             logits = engine(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             labels = batch["labels"] if len(rows) else torch.full_like(batch["labels"], -100)
             if config.model.kind == "causal_lm":
@@ -264,11 +264,12 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
     started_data = time.perf_counter()
     task = data_lib.load_task(
         config.data,
+        config.training,
         kind=config.model.kind,
         tokenizer=base.tokenizer,
         vocab_size=base.vocab_size,
-        seq_len=config.training.seq_len,
         base_dir=base_dir,
+        cache_dir=cache_dir,
     )
     data_time_s = time.perf_counter() - started_data
     setup_time_s = time.perf_counter() - started_setup
@@ -306,7 +307,8 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
         # Diagnostics need the full adapter tensors, which ZeRO-3 partitions across workers: there they are left out.
         diagnostics_every = config.training.diagnostics_every if config.deepspeed.zero_stage < 3 else 0
         adapters = diagnostics.adapters(engine.module)
-        probe_batch = {k: v[: config.training.batch_size].to(device) for k, v in task.eval.items()}
+        probe_rows = torch.arange(min(len(task.eval), config.training.batch_size))
+        probe_batch = {k: v.to(device) for k, v in task.eval.batch(probe_rows).items()}
         signal_drift = diagnostics.SignalDrift(lambda: _probe_loss(engine.module, probe_batch), trainable)
 
         start_step = checkpoint.restore_engine(checkpoints, engine, outcome, batches) if checkpoints else 0

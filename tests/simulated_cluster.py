@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Ports the operating system picks, for what Ray would otherwise bind at fixed defaults on every node (the
+# dashboard agent's HTTP server, which serves the job API, at 52365): another Ray instance on this machine holds them.
+OWN_PORTS = {"dashboard_agent_listen_port": 0}
 
 
 def free_port() -> int:
@@ -30,7 +33,7 @@ def simulated_cluster(head: dict, nodes: list[dict] = ()) -> Iterator:
     worker nodes in the order given.
 
     The cluster keeps its files (and its address file, which a bare `ray.init()` would look up) in a temporary
-    directory of its own, so that it never meets another Ray instance on this machine. Its processes inherit
+    directory of its own and binds no fixed port, so that it never meets another Ray instance on this machine. Its processes inherit
     this environment: the venv's `python` first on PATH, and the project importable.
     """
     from ray.cluster_utils import Cluster
@@ -40,9 +43,9 @@ def simulated_cluster(head: dict, nodes: list[dict] = ()) -> Iterator:
         env.setenv("RAY_TMPDIR", temp_dir)
         env.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
         env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        cluster = Cluster(initialize_head=True, head_node_args=head)
+        cluster = Cluster(initialize_head=True, head_node_args={**OWN_PORTS, **head})
         try:
-            added = [cluster.add_node(**node) for node in nodes]
+            added = [cluster.add_node(**OWN_PORTS, **node) for node in nodes]
             cluster.wait_for_nodes()
             yield cluster, added
         finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from scaling_lab import results
 from scaling_lab.analysis.__main__ import main
@@ -35,7 +36,7 @@ def study_dir(tmp_path_factory):
 
 
 def test_fit_writes_law_report_and_plots(study_dir, capsys):
-    assert main(["fit", str(study_dir), "--bootstrap", "100", "--by", "model"]) == 0
+    assert main(["fit", str(study_dir), "--bootstrap", "100"]) == 0  # one law per model by default
     printed = capsys.readouterr().out
     assert "optimum per cell (α* in the standard convention)" in printed
     assert "joint law (model size)" in printed and "√r law" in printed
@@ -55,7 +56,9 @@ def test_fit_writes_law_report_and_plots(study_dir, capsys):
 
 
 def test_convention_is_stated_and_converted(study_dir, tmp_path, capsys):
-    assert main(["fit", str(study_dir), "--bootstrap", "100", "--convention", "rslora", "--out", str(tmp_path)]) == 0
+    arguments = ["fit", str(study_dir), "--bootstrap", "100", "--convention", "rslora", "--pool",
+                 "--out", str(tmp_path)]
+    assert main(arguments) == 0
     law = json.loads((tmp_path / "law.json").read_text())
     assert law["convention"]["name"] == "rslora"
     assert law["law"] is not None and law["law"]["formula"].startswith("α_rs* =")
@@ -130,6 +133,7 @@ def test_analysis_imports_no_training_stack(tmp_path):
 
         sys.meta_path.insert(0, Block())
         import scaling_lab.analysis, scaling_lab.analysis.report, scaling_lab.analysis.plots
+        import scaling_lab.analysis.adapter, scaling_lab.analysis.verification
         from scaling_lab.analysis.__main__ import main
         assert main(["fit", {str(csv)!r}, "--bootstrap", "20"]) == 0
         loaded = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
@@ -148,3 +152,90 @@ def test_analysis_imports_no_training_stack(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("clean")
+
+
+def write_study(root: Path, frame, spec: dict | None) -> Path:
+    for index, row in enumerate(frame.to_dict("records")):
+        results.write_trial(root, {"trial_id": f"t{index:04d}", "study": "planted", **row}, [])
+    if spec is not None:
+        (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
+def accuracy_study(root: Path, metric: str | None) -> Path:
+    """Loss and accuracy disagree: the loss is best at α* = 8·√r, the accuracy at 32·√r."""
+    frame = planted_trials(power_law(8.0, 0.5), ranks=(1, 4, 16, 64), alphas=tuple(2.0 ** np.arange(0, 12)), seeds=2,
+                           noise=0.002, rng=np.random.default_rng(1))
+    by_accuracy = planted_trials(power_law(32.0, 0.5), ranks=(1, 4, 16, 64), alphas=tuple(2.0 ** np.arange(0, 12)),
+                                 seeds=2, noise=0.002, diverge_above=9.0, rng=np.random.default_rng(2))
+    frame["final_eval_accuracy"] = by_accuracy["final_eval_accuracy"].to_numpy()
+    frame["status"], frame["final_eval_loss"] = "ok", frame["final_eval_loss"].fillna(9.0)
+    return write_study(root, frame, None if metric is None else {"name": "planted", "metric": metric})
+
+
+def test_the_study_metric_is_fitted_with_no_flag(tmp_path, capsys):
+    study = accuracy_study(tmp_path / "accuracy", "eval_accuracy")
+    assert main(["fit", str(study), "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "metric final_eval_accuracy (higher is better)" in printed
+    law = json.loads((study / "analysis/law.json").read_text())
+    assert law["metric"]["column"] == "final_eval_accuracy" and law["metric"]["goal"] == "maximize"
+    assert "spec.yaml: metric: eval_accuracy" in law["metric"]["origin"]
+    assert law["study_spec"] == {"name": "planted", "metric": "eval_accuracy"}
+    assert law["law"]["c"] == pytest.approx(32.0, rel=0.1)
+    report = (study / "analysis/report.md").read_text()
+    assert "metric: `final_eval_accuracy` (higher is better), from the study spec" in report
+
+    # --metric overrides the spec; without a spec the default is the loss
+    assert main(["predict", str(study), "--rank", "16", "--metric", "final_eval_loss", "--bootstrap", "50"]) == 0
+    assert float(capsys.readouterr().out.splitlines()[2].split()[-3]) == pytest.approx(8.0 * 4, rel=0.1)
+    bare = accuracy_study(tmp_path / "bare", None)
+    assert main(["fit", str(bare), "--bootstrap", "50"]) == 0
+    assert "metric from default (no study spec beside the results)" in capsys.readouterr().out
+
+
+def test_equivalence_and_a_bad_spec_metric(tmp_path, capsys):
+    study = accuracy_study(tmp_path / "bad", "eval_perplexity")
+    assert main(["fit", str(study)]) == 2
+    assert "spec.yaml: metric: expected one of ['eval_loss', 'eval_accuracy'], got 'eval_perplexity'" in (
+        capsys.readouterr().err
+    )
+
+
+def test_models_get_their_own_laws_unless_pooled(study_dir, tmp_path, capsys):
+    assert main(["fit", str(study_dir), "--bootstrap", "50", "--out", str(tmp_path / "per_model")]) == 0
+    law = json.loads((tmp_path / "per_model/law.json").read_text())
+    assert [t["group"] for t in law["laws"]] == [{"model": "small"}, {"model": "tiny"}] and len(law["joint_laws"]) == 1
+    assert "pooled" not in capsys.readouterr().out
+    assert main(["fit", str(study_dir), "--bootstrap", "50", "--pool", "--out", str(tmp_path / "pooled")]) == 0
+    pooled = json.loads((tmp_path / "pooled/law.json").read_text())
+    assert [t["group"] for t in pooled["laws"]] == [{}] and pooled["joint_laws"] == []
+    assert "2 models pooled into one law (--pool)" in capsys.readouterr().out
+
+
+def test_run_summary_picks_the_best_alpha_by_the_study_metric(tmp_path):
+    from scaling_lab.study.progress import summary
+
+    study = accuracy_study(tmp_path / "summary", "eval_accuracy")
+    trial_ids = sorted(results.completed_ids(study))
+    by_accuracy = summary(str(study), trial_ids, "eval_accuracy")
+    by_loss = summary(str(study), trial_ids, "eval_loss")
+    assert "seed-averaged final held-out accuracy, higher is better" in by_accuracy
+    assert "r=16    α*=128" in by_accuracy and "accuracy=" in by_accuracy
+    assert "r=16    α*=32 " in by_loss
+
+
+def test_learning_rate_law_under_a_fixed_scale_with_no_flag(tmp_path, capsys):
+    """The issue's case: lr* = 1e-3·r^-0.5 under a fixed scale of 2, ranks 2-64, 11 learning rates, 2 seeds."""
+    csv = tmp_path / "lr_fixed.csv"
+    planted_trials(power_law(16.0, 0.5), ranks=(2, 4, 8, 16, 32, 64), alphas=(2.0,), seeds=2,
+                   learning_rates=tuple(np.geomspace(1e-5, 1e-1, 11)),
+                   optimal_learning_rate=lambda rank, size: 1e-3 * rank**-0.5, scaling_rule="fixed",
+                   rng=np.random.default_rng(3)).to_csv(csv, index=False)
+    assert main(["fit", str(csv), "--bootstrap", "50", "--out", str(tmp_path / "out")]) == 0
+    assert "scaling_rule=fixed, alpha=2: lr* = " in capsys.readouterr().out
+    (law,) = json.loads((tmp_path / "out/law.json").read_text())["learning_rate_laws"]
+    assert law["k_ci95"][0] <= -0.5 <= law["k_ci95"][1]
+    row = next(line for line in (tmp_path / "out/report.md").read_text().splitlines()
+               if line.startswith("| model=planted, scaling_rule=fixed, alpha=2 |"))
+    assert row.endswith("| -0.5 | yes |")  # μA's exponent for a fixed scale, inside the law's interval

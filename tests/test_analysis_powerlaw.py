@@ -13,6 +13,7 @@ from scaling_lab.analysis import (
     from_frame,
     predict,
 )
+from scaling_lab.analysis.hypotheses import mu_a_exponent
 from scaling_lab.analysis.planted import planted_trials, power_law
 
 C, K = 16.0, 0.5
@@ -141,3 +142,32 @@ def test_learning_rate_axis_gets_its_own_laws():
     assert fitted
     assert all(abs(law.k - (-0.25)) < 0.05 for law in fitted)
     assert all(math.isclose(law.c, 3e-4, rel_tol=0.15) for law in fitted)
+
+
+@pytest.mark.parametrize(
+    "rule, alpha, exponent",
+    [("standard", 64.0, 0.0), ("rslora", 8.0, -0.25), ("fixed", 2.0, -0.5)],  # μA's lr* exponents at a fixed α
+)
+def test_learning_rate_law_at_the_rule_and_alpha_as_run(rule, alpha, exponent):
+    """lr*(r) = 1e-3 · r^exponent planted at one α under each scaling rule, ranks 2-64, 11 learning rates, 2 seeds:
+    recovered with no flag whatever convention the α laws are stated in."""
+    frame = planted_trials(
+        power_law(C, K),
+        ranks=(2, 4, 8, 16, 32, 64),
+        alphas=(alpha,),
+        seeds=2,
+        noise=0.002,
+        learning_rates=tuple(np.geomspace(1e-5, 1e-1, 11)),
+        optimal_learning_rate=lambda rank, size: 1e-3 * rank**exponent,
+        scaling_rule=rule,
+        rng=np.random.default_rng(7),
+    )
+    for convention in ("standard", "scale"):
+        fit = fit_study(from_frame(frame), FitSettings(n_bootstrap=100, convention=convention))
+        (tested,) = fit.learning_rate_laws
+        law = tested.law
+        assert isinstance(law, PowerLaw) and dict(law.group) == {"scaling_rule": rule, "alpha": alpha}
+        assert law.k_ci[0] <= exponent <= law.k_ci[1] and abs(law.k - exponent) < 0.03
+        assert math.isclose(law.c, 1e-3, rel_tol=0.1)
+        assert mu_a_exponent(law) == exponent
+        assert any(t.name == "μA prediction" and t.exponent == exponent for t in tested.tests) or exponent == 0.0

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
 from scaling_lab import data
 from scaling_lab.data import IGNORE_INDEX, DataError
-from scaling_lab.spec import DataSpec
+from scaling_lab.spec import DataSpec, TrainingSettings
+from conftest import WORDS
 
 SYNTHETIC = DataSpec(train_examples=300, eval_examples=50)
 QA_ROWS = [
@@ -36,22 +39,42 @@ def write_table(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def load(spec: DataSpec, tokenizer, tmp_path: Path, kind: str = "causal_lm", seq_len: int = 12) -> data.Task:
+def budget(seq_len: int = 12, steps: int = 1000, batch_size: int = 4, eval_batches: int = 1000) -> TrainingSettings:
+    """Training settings; by default trials read more rows than these tests' files hold, so every row is kept."""
+    return TrainingSettings(seq_len=seq_len, steps=steps, batch_size=batch_size, eval_batches=eval_batches)
+
+
+def load(spec: DataSpec, tokenizer, tmp_path: Path, kind: str = "causal_lm", seq_len: int = 12,
+         training: TrainingSettings | None = None) -> data.Task:
     return data.load_task(
-        spec, kind=kind, tokenizer=tokenizer, vocab_size=len(tokenizer), seq_len=seq_len, base_dir=tmp_path
+        spec, training or budget(seq_len), kind=kind, tokenizer=tokenizer, vocab_size=len(tokenizer),
+        base_dir=tmp_path, cache_dir=tmp_path / "cache",
     )
 
 
 def synthetic(spec: DataSpec = SYNTHETIC, kind: str = "causal_lm", vocab_size: int = 64) -> data.Task:
-    return data.load_task(spec, kind=kind, tokenizer=None, vocab_size=vocab_size, seq_len=32, base_dir=Path("."))
+    return data.load_task(spec, budget(seq_len=32), kind=kind, tokenizer=None, vocab_size=vocab_size,
+                          base_dir=Path("."), cache_dir=Path("unused"))
 
 
-def rows_of(task: data.Task) -> list[tuple]:
-    """Every example of both splits as a tuple of (name, values) pairs, to compare as sets."""
+def whole(split: data.PreparedRows, seq_len: int | None = None) -> dict[str, torch.Tensor]:
+    """All rows of a split as one batch; with seq_len, padded further to seq_len (as all rows were once stored)."""
+    batch = split.batch(torch.arange(len(split)))
+    if seq_len is None:
+        return batch
+    fill = {"input_ids": split.pad_id, "attention_mask": 0, "labels": IGNORE_INDEX,
+            "token_type_ids": split.pad_token_type_id}
+    return {name: torch.nn.functional.pad(tensor, (0, seq_len - tensor.shape[1]), value=fill[name])
+            if tensor.dim() == 2 else tensor for name, tensor in batch.items()}
+
+
+def rows_of(task: data.Task, seq_len: int) -> list[tuple]:
+    """Every example of both splits, padded to seq_len, as a tuple of (name, values) pairs, to compare as sets."""
     rows = []
     for split in (task.train, task.eval):
-        for i in range(len(split["input_ids"])):
-            rows.append(tuple((name, tuple(tensor[i].tolist())) for name, tensor in sorted(split.items())))
+        batch = whole(split, seq_len)
+        for i in range(len(split)):
+            rows.append(tuple((name, tuple(tensor[i].tolist())) for name, tensor in sorted(batch.items())))
     return rows
 
 
@@ -59,8 +82,8 @@ def ids(tokenizer, text: str) -> list[int]:
     return tokenizer.convert_tokens_to_ids(text.split())
 
 
-def row_lengths(split: dict[str, torch.Tensor]) -> set[int]:
-    return set(split["attention_mask"].sum(dim=1).tolist())
+def row_lengths(split: data.PreparedRows) -> set[int]:
+    return set(whole(split)["attention_mask"].sum(dim=1).tolist())
 
 
 # ---- Markov chains and the synthetic task ----
@@ -83,9 +106,10 @@ def test_synthetic_task_is_fixed_by_constants():
         data.markov_shift_task_logits(), 300, 32, torch.Generator().manual_seed(data.TASK_TRAIN_SAMPLE_SEED)
     )
     assert task.name == "synthetic:markov-shift"
-    assert torch.equal(task.train["input_ids"], expected_train)
-    assert torch.equal(task.train["labels"], expected_train)
-    assert task.train["attention_mask"].all() and task.eval["input_ids"].shape == (50, 32)
+    batch = task.train.batch(torch.arange(len(task.train)))
+    assert torch.equal(task.train.input_ids, expected_train) and torch.equal(batch["input_ids"], expected_train)
+    assert torch.equal(batch["labels"], expected_train)
+    assert batch["attention_mask"].all() and task.eval.input_ids.shape == (50, 32)
     again = synthetic()
     assert again is task  # memoized: a pack of trials samples once
 
@@ -93,9 +117,9 @@ def test_synthetic_task_is_fixed_by_constants():
 def test_synthetic_eval_split_is_independent_of_the_train_split():
     small = synthetic()
     larger = synthetic(DataSpec(train_examples=500, eval_examples=50))
-    assert torch.equal(small.eval["input_ids"], larger.eval["input_ids"])
-    train_rows = {tuple(row) for row in larger.train["input_ids"].tolist()}
-    assert not train_rows & {tuple(row) for row in small.eval["input_ids"].tolist()}
+    assert torch.equal(small.eval.input_ids, larger.eval.input_ids)
+    train_rows = {tuple(row) for row in larger.train.input_ids.tolist()}
+    assert not train_rows & {tuple(row) for row in small.eval.input_ids.tolist()}
 
 
 def test_synthetic_task_is_a_low_rank_shift_away_from_pretraining():
@@ -106,7 +130,7 @@ def test_synthetic_task_is_a_low_rank_shift_away_from_pretraining():
     assert kl > 0.3
 
     # The sampled data really comes from the shifted chain: it is much likelier under it than under pretraining's.
-    tokens = synthetic().train["input_ids"]
+    tokens = synthetic().train.input_ids
 
     def nll(logits):
         return torch.nn.functional.cross_entropy(logits[tokens[:, :-1]].flatten(0, 1), tokens[:, 1:].flatten())
@@ -145,8 +169,8 @@ def test_prompt_completion_masks_the_prompt_token_by_token(suffix, tmp_path, cau
                 ("labels", tuple(([IGNORE_INDEX] * len(prompt) + completion)[:seq_len] + [IGNORE_INDEX] * padding)),
             )
         )
-    assert len(task.train["input_ids"]) == 3 and len(task.eval["input_ids"]) == 1
-    assert sorted(rows_of(task)) == sorted(expected)
+    assert len(task.train) == 3 and len(task.eval) == 1
+    assert sorted(rows_of(task, seq_len)) == sorted(expected)
 
 
 def test_text_column_trains_on_every_token_and_truncates(tmp_path, causal_tokenizer):
@@ -167,7 +191,7 @@ def test_text_column_trains_on_every_token_and_truncates(tmp_path, causal_tokeni
                 ("labels", tuple(tokens + [IGNORE_INDEX] * padding)),
             )
         )
-    assert sorted(rows_of(task)) == sorted(expected)
+    assert sorted(rows_of(task, 8)) == sorted(expected)
 
 
 def test_string_labels_are_numbered_in_sorted_order(tmp_path, bert_tokenizer):
@@ -178,9 +202,10 @@ def test_string_labels_are_numbered_in_sorted_order(tmp_path, bert_tokenizer):
     label_ids = {"mixed": 0, "neg": 1, "pos": 2}
     label_by_tokens = {}
     for split in (task.train, task.eval):
-        assert split["labels"].dtype == torch.long and split["labels"].dim() == 1
-        assert "token_type_ids" not in split
-        for tokens, label in zip(split["input_ids"].tolist(), split["labels"].tolist()):
+        batch = whole(split, seq_len=10)
+        assert batch["labels"].dtype == torch.long and batch["labels"].dim() == 1
+        assert "token_type_ids" not in batch
+        for tokens, label in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
             label_by_tokens[tuple(tokens)] = label
     for row in QA_ROWS:
         tokens = [bert_tokenizer.cls_token_id] + ids(bert_tokenizer, row["prompt"]) + [bert_tokenizer.sep_token_id]
@@ -194,13 +219,14 @@ def test_sentence_pairs_for_classification_keep_integer_labels(tmp_path, bert_to
     spec = DataSpec(source="pairs.jsonl", prompt_column="premise", completion_column="hypothesis", label_column="label")
     task = load(spec, bert_tokenizer, tmp_path, kind="seq_cls", seq_len=10)
 
-    labels = sorted(task.train["labels"].tolist() + task.eval["labels"].tolist())
+    train = whole(task.train, seq_len=10)
+    labels = sorted(train["labels"].tolist() + whole(task.eval)["labels"].tolist())
     assert labels == [0, 0, 5, 5, 10, 10]  # as they are, not renumbered as text
     cls, sep, pad = bert_tokenizer.cls_token_id, bert_tokenizer.sep_token_id, bert_tokenizer.pad_token_id
     premise, hypothesis = ids(bert_tokenizer, "the cat sat"), ids(bert_tokenizer, "the cat ran")
-    assert task.train["input_ids"][0].tolist() == [cls, *premise, sep, *hypothesis, sep, pad]
-    assert task.train["token_type_ids"][0].tolist() == [0] * 5 + [1] * 4 + [0]
-    assert task.train["attention_mask"][0].tolist() == [1] * 9 + [0]
+    assert train["input_ids"][0].tolist() == [cls, *premise, sep, *hypothesis, sep, pad]
+    assert train["token_type_ids"][0].tolist() == [0] * 5 + [1] * 4 + [0]
+    assert train["attention_mask"][0].tolist() == [1] * 9 + [0]
 
 
 def test_negative_labels_are_rejected(tmp_path, bert_tokenizer):
@@ -231,8 +257,8 @@ def test_text_data_needs_a_tokenizer(tmp_path):
     write_table(QA_ROWS, tmp_path / "qa.jsonl")
     with pytest.raises(DataError, match="needs a model with a tokenizer"):
         data.load_task(
-            DataSpec(source="qa.jsonl", text_column="prompt"), kind="causal_lm", tokenizer=None, vocab_size=64,
-            seq_len=8, base_dir=tmp_path,
+            DataSpec(source="qa.jsonl", text_column="prompt"), budget(), kind="causal_lm", tokenizer=None,
+            vocab_size=64, base_dir=tmp_path, cache_dir=tmp_path,
         )
 
 
@@ -283,11 +309,11 @@ def test_synthetic_and_hub_sources_pass_validation(tmp_path):
 
 
 def test_batch_iterator_depends_only_on_its_seed():
-    split = {"input_ids": torch.arange(10).unsqueeze(1), "labels": torch.arange(10)}
+    split = data.TokenTensors(torch.arange(10).unsqueeze(1))
 
     def take(seed, count):
         batches = data.batch_iterator(split, batch_size=5, seed=seed)
-        return [next(batches)["labels"].tolist() for _ in range(count)]
+        return [next(batches)["labels"].flatten().tolist() for _ in range(count)]
 
     first = take(0, 4)
     with torch.random.fork_rng(devices=[]):
@@ -298,7 +324,7 @@ def test_batch_iterator_depends_only_on_its_seed():
 
 
 def test_batch_iterator_fills_batches_larger_than_the_split():
-    split = {"input_ids": torch.arange(3).unsqueeze(1)}
+    split = data.TokenTensors(torch.arange(3).unsqueeze(1))
     batch = next(data.batch_iterator(split, batch_size=8, seed=0))
     assert batch["input_ids"].shape == (8, 1)
 
@@ -325,7 +351,7 @@ def test_prompt_template_joins_columns_and_word_filter_keeps_the_range(tmp_path,
         completion = ids(causal_tokenizer, row["response"]) + [eos]
         padding = 16 - len(prompt) - len(completion)
         expected_labels.add(tuple([IGNORE_INDEX] * len(prompt) + completion + [IGNORE_INDEX] * padding))
-    assert {dict(row)["labels"] for row in rows_of(task)} == expected_labels
+    assert {dict(row)["labels"] for row in rows_of(task, 16)} == expected_labels
     with pytest.raises(data.DataError, match="no row holds between 40 and 50 words"):
         load(DataSpec(source=source.name, prompt_template="{instruction}{input}", completion_column="response",
                       min_words=40, max_words=50), causal_tokenizer, tmp_path)
@@ -358,7 +384,7 @@ def test_chat_messages_train_on_the_last_assistant_turn(tmp_path, causal_tokeniz
         completion = ids(chat, assistant["content"]) + [eos]
         tokens = prompt + completion
         expected.add(tuple(tokens + [eos] * (12 - len(tokens))))
-    assert {dict(row)["input_ids"] for row in rows_of(task)} == expected
+    assert {dict(row)["input_ids"] for row in rows_of(task, 12)} == expected
 
     unanswered = write_table([{"messages": [{"role": "user", "content": "the cat ?"}]}] * 2, tmp_path / "open.jsonl")
     with pytest.raises(data.DataError, match="does not end with an assistant turn"):
@@ -372,3 +398,171 @@ def test_word_filter_counts_the_named_prompt_column(tmp_path, causal_tokenizer):
     spec = DataSpec(source=source.name, prompt_column="question", completion_column="answer", max_words=5)
     task = load(spec, causal_tokenizer, tmp_path, seq_len=12)
     assert row_lengths(task.train) | row_lengths(task.eval) == {1 + 3 + 1 + 1}  # BOS, question, answer, EOS
+
+
+# ---- prepared once, only the rows trials read, padded per batch ----
+
+
+def numbered_rows(count: int) -> list[dict]:
+    """Rows whose text spells their number in base len(WORDS) (three words); every fourth row is two words longer."""
+    base = len(WORDS)
+    return [{"text": f"{WORDS[i // base**2]} {WORDS[i // base % base]} {WORDS[i % base]}"
+             + (" far far" if i % 4 == 0 else "")} for i in range(count)]
+
+
+def row_numbers(split: data.PreparedRows, tokenizer) -> list[int]:
+    batch = whole(split)
+    numbers = []
+    for tokens, present in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        words = tokenizer.convert_ids_to_tokens([t for t, p in zip(tokens, present) if p])[1:4]  # after BOS
+        numbers.append(sum(WORDS.index(w) * len(WORDS) ** (2 - i) for i, w in enumerate(words)))
+    return numbers
+
+
+class TokenizerCalls:
+    """Counts the texts a tokenizer class is asked to encode."""
+
+    def __init__(self, monkeypatch, tokenizer):
+        self.texts = 0
+        original = type(tokenizer).__call__
+
+        def counting(tok, text, *args, **kwargs):
+            self.texts += len(text) if isinstance(text, list) else 1
+            return original(tok, text, *args, **kwargs)
+
+        monkeypatch.setattr(type(tokenizer), "__call__", counting)
+
+
+def test_only_the_rows_trials_read_are_tokenized_after_filters_see_every_row(tmp_path, causal_tokenizer,
+                                                                           monkeypatch):
+    monkeypatch.setattr(data, "SOURCE_CHUNK_ROWS", 64)  # the source is scanned in many chunks
+    write_table(numbered_rows(2000), tmp_path / "numbered.jsonl")
+    spec = DataSpec(source="numbered.jsonl", text_column="text", min_words=5)  # keeps every fourth row: 500 rows
+    everything = load(spec, causal_tokenizer, tmp_path, seq_len=8)
+    assert len(everything.train) == 450 and len(everything.eval) == 50  # eval_fraction 0.1 of the 500 kept
+
+    calls = TokenizerCalls(monkeypatch, causal_tokenizer)
+    training = budget(seq_len=8, steps=3, batch_size=4, eval_batches=2)
+    assert data.rows_read(training) == (12, 8)
+    task = load(spec, causal_tokenizer, tmp_path, training=training)
+    assert calls.texts == 12 + 8 and len(task.train) == 12 and len(task.eval) == 8
+    train, held_out = row_numbers(task.train, causal_tokenizer), row_numbers(task.eval, causal_tokenizer)
+    # The held-out rows are the whole split's, so that evaluation reads the rows it read before: its first ones.
+    assert held_out == row_numbers(everything.eval, causal_tokenizer)[:8]
+    assert len(set(train)) == 12 and set(train) <= set(row_numbers(everything.train, causal_tokenizer))
+    assert all(number % 4 == 0 for number in train + held_out)
+    stored = task.train.table.schema
+    assert stored.names == ["input_ids", "loss_start"] and stored.field("input_ids").type.value_type == pa.uint16()
+
+
+def test_prepared_data_is_reused_by_later_loads_and_keyed_by_the_rows_read(tmp_path, causal_tokenizer,
+                                                                          monkeypatch):
+    write_table(numbered_rows(300), tmp_path / "numbered.parquet")
+    spec = DataSpec(source="numbered.parquet", text_column="text")
+    first = load(spec, causal_tokenizer, tmp_path, training=budget(steps=5))
+    (prepared,) = (tmp_path / "cache" / "data").glob("numbered-*/")
+    written = {path.name: path.stat().st_mtime_ns for path in prepared.iterdir()}
+    assert set(written) == {"train.arrow", "eval.arrow", "prepared.json"}
+
+    calls = TokenizerCalls(monkeypatch, causal_tokenizer)
+    data._memo.clear()  # as in another process
+    again = load(spec, causal_tokenizer, tmp_path, training=budget(steps=5))
+    assert calls.texts == 0 and again is not first
+    assert {path.name: path.stat().st_mtime_ns for path in prepared.iterdir()} == written
+    assert torch.equal(whole(again.train)["input_ids"], whole(first.train)["input_ids"])
+
+    load(spec, causal_tokenizer, tmp_path, training=budget(steps=6))  # more rows read: prepared anew
+    assert calls.texts == 6 * 4 + 30 and len(list((tmp_path / "cache" / "data").glob("numbered-*/"))) == 2
+
+
+def test_a_directory_is_built_once_by_concurrent_callers(tmp_path):
+    import threading
+    import time
+
+    from scaling_lab.build_once import build_once
+
+    builds = []
+
+    def build(staging: Path) -> None:
+        builds.append(staging)
+        time.sleep(0.2)
+        (staging / "done").write_text("yes")
+
+    threads = [threading.Thread(target=build_once, args=(tmp_path / "built", build)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and (tmp_path / "built" / "done").read_text() == "yes"
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == ["built"]
+
+
+def test_batches_are_padded_to_their_longest_row(tmp_path, causal_tokenizer):
+    rows = [{"prompt": "question " + "the " * i + "?", "completion": "yes " * (i % 3) + "no"} for i in range(12)]
+    write_table(rows, tmp_path / "lengths.jsonl")
+    spec = DataSpec(source="lengths.jsonl", prompt_column="prompt", completion_column="completion")
+    task = load(spec, causal_tokenizer, tmp_path, seq_len=16)
+    lengths = whole(task.train)["attention_mask"].sum(dim=1)
+    shortest = lengths.argsort()[:3]
+    batch = task.train.batch(shortest)
+    assert batch["input_ids"].shape == (3, int(lengths[shortest].max())) and lengths.max() > lengths[shortest].max()
+    padded = whole(task.train, seq_len=16)
+    for name, tensor in batch.items():  # the same rows as padding every row to seq_len, up to the padding
+        assert torch.equal(tensor, padded[name][shortest][:, : tensor.shape[1]])
+    assert lengths.max() == 16  # the longest rows are truncated to seq_len
+
+
+def test_padding_per_batch_gives_the_loss_of_padding_to_seq_len(tmp_path, causal_tokenizer, bert_tokenizer):
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rows = [{"prompt": "question " + "the cat " * (i % 5) + "?", "completion": "yes no " * (i % 3) + "no",
+             "label": i % 2} for i in range(16)]
+    write_table(rows, tmp_path / "pairs.jsonl")
+    causal = LlamaForCausalLM(LlamaConfig(vocab_size=len(causal_tokenizer), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
+    classifier = BertForSequenceClassification(BertConfig(
+        vocab_size=len(bert_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    spec = DataSpec(source="pairs.jsonl", prompt_column="prompt", completion_column="completion")
+    for model, tokenizer, kind, seq_len in ((causal, causal_tokenizer, "causal_lm", 24),
+                                            (classifier, bert_tokenizer, "seq_cls", 32)):
+        spec = dataclasses.replace(spec, label_column="label" if kind == "seq_cls" else None)
+        split = load(spec, tokenizer, tmp_path, kind=kind, seq_len=seq_len).train
+        model.eval()
+        with torch.no_grad():
+            for rows_ in torch.arange(len(split)).split(4):
+                per_batch = split.batch(rows_)
+                to_seq_len = {k: v[rows_] for k, v in whole(split, seq_len).items()}
+                assert per_batch["input_ids"].shape[1] < seq_len
+                assert model(**per_batch).loss.item() == pytest.approx(model(**to_seq_len).loss.item(), rel=1e-5)
+
+
+def test_empty_values_anywhere_in_the_source_are_reported_with_their_row(tmp_path, causal_tokenizer, monkeypatch):
+    monkeypatch.setattr(data, "SOURCE_CHUNK_ROWS", 64)
+    rows = numbered_rows(300)
+    rows[150]["text"] = rows[250]["text"] = None
+    write_table(rows, tmp_path / "gaps.jsonl")
+    with pytest.raises(DataError) as error:
+        load(DataSpec(source="gaps.jsonl", text_column="text"), causal_tokenizer, tmp_path,
+             training=budget(steps=1))
+    assert str(error.value) == f"{tmp_path / 'gaps.jsonl'}: column 'text' has 2 empty values, first in row 150"
+    assert not [path for path in (tmp_path / "cache" / "data").iterdir() if path.is_dir()]  # nothing half-built
+
+
+def test_hub_datasets_with_an_eval_split_number_labels_over_both(tmp_path, bert_tokenizer, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    (tmp_path / "hub").mkdir()
+    train = [{"text": f"the {word}", "label": label} for word, label in zip(WORDS[:6], "ababab")]
+    held_out = [{"text": "the mat", "label": "c"}, {"text": "the cat", "label": "a"}, {"text": "on", "label": "b"}]
+    write_table(train, tmp_path / "hub" / "train.jsonl")
+    write_table(held_out, tmp_path / "hub" / "test.jsonl")
+    spec = DataSpec(source=f"hf:{tmp_path / 'hub'}", text_column="text", label_column="label", eval_split="test")
+    task = load(spec, bert_tokenizer, tmp_path, kind="seq_cls", training=budget(steps=1, batch_size=2, eval_batches=1))
+    assert len(task.train) == 2 and len(task.eval) == 2  # steps × batch, and eval_batches × batch
+    evaluated = whole(task.eval)
+    assert evaluated["labels"].tolist() == [2, 0]  # the first held-out rows, in order; "c" numbered with "a", "b"
+    assert evaluated["input_ids"][0, 1:3].tolist() == ids(bert_tokenizer, "the mat")
+    assert set(whole(task.train)["labels"].tolist()) <= {0, 1}

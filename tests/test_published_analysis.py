@@ -5,12 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "analysis/default"
 
 
-def laws(path: Path) -> list[dict]:
-    return [{k: law[k] for k in ("formula", "c", "c_ci95", "k", "k_ci95", "cells_used")}
+def laws(path: Path) -> list[tuple]:
+    """Each law's text as rendered, and its numbers: summation order and BLAS kernels differ between machines,
+    so the same fit agrees to the last bits only on the same machine."""
+    return [(law["formula"], law["cells_used"], [law["c"], *law["c_ci95"], law["k"], *law["k_ci95"]])
             for law in json.loads(path.read_text())["laws"]]
 
 
@@ -19,7 +23,9 @@ def test_published_report_matches_a_fresh_fit(tmp_path):
                "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert laws(tmp_path / "law.json") == laws(PUBLISHED / "law.json")
+    published = laws(PUBLISHED / "law.json")
+    assert laws(tmp_path / "law.json") == [(text, cells, pytest.approx(numbers, rel=1e-9))
+                                           for text, cells, numbers in published]
     printed = done.stdout.replace(str(tmp_path), "analysis/default")
     assert printed == (PUBLISHED / "fit_output.txt").read_text()
     fresh = (tmp_path / "report.md").read_text().replace(str(tmp_path), "analysis/default")

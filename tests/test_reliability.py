@@ -4,6 +4,7 @@ The fault-injection tests that need Ray (killed drivers, workers and nodes, conc
 test_reliability_ray.py.
 """
 
+import datetime as dt
 import errno
 import json
 import multiprocessing
@@ -22,7 +23,8 @@ from scaling_lab import checkpoint, claims, results, spec as spec_lib
 from scaling_lab.grid import expand
 from scaling_lab.study import runner
 from scaling_lab.study.__main__ import main
-from scaling_lab.trial import run_group, scrub_secrets
+from scaling_lab.outcome import TrainOutcome
+from scaling_lab.trial import record_cut_short, result_row, run_group, scrub_secrets
 
 SPEC = {
     "name": "sim",
@@ -46,6 +48,38 @@ def group_of(spec: spec_lib.StudySpec, store: results.Store, **extra) -> dict:
     return {"trials": [t.to_dict() for t in expand(spec)], "results_dir": str(store), "cache_dir": str(store),
             "base_dir": str(store), "backend": spec.execution.backend, "study": spec.name, "git_commit": None,
             **extra}
+
+
+# ---- worker groups that fail past their retries ----
+
+MEMORY_MONITOR_KILL = ("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+                       "1 worker(s) were killed due to the node running low on memory. Memory on the node was "
+                       "22.7GB / 23.5GB (0.96), which exceeds the memory usage threshold of 0.95.")
+
+
+@pytest.mark.parametrize("failure, status", [(MEMORY_MONITOR_KILL, "oom"),
+                                             ("ActorDiedError: its worker process has died (SIGKILL)", "error")])
+def test_the_trial_a_failed_worker_group_was_running_becomes_a_row(tmp_path, failure, status):
+    spec = spec_lib.parse(SPEC, tmp_path)
+    store = results.Store(tmp_path / "results")
+    first, second, third = expand(spec)[:3]
+    group = group_of(spec, store, run_id="run-1", resources={"workers": 2})
+    group["trials"] = [t.to_dict() for t in (first, second, third)]
+    results.write_trial(store, {**_row_of(first), "status": "ok"}, [])  # finished before the failure
+    claims.acquire(store, second.trial_id, "run-1")  # running when its workers were killed
+    claims.acquire(store, third.trial_id, "another-run")  # another driver's: not this group's to record
+    assert record_cut_short(group, failure) == [second.trial_id]
+    row = results.load(store).set_index("trial_id").loc[second.trial_id]
+    assert row["status"] == status and row["num_workers"] == 2 and row["attempts"] == 1
+    assert row["error"].startswith("its worker group failed past its retries (memory of node ")
+    assert failure in row["error"]
+    assert claims.read(store, second.trial_id) is None and claims.read(store, third.trial_id) is not None
+    assert record_cut_short(group, failure) == []  # recorded once
+
+
+def _row_of(config) -> dict:
+    return result_row(config, TrainOutcome(status="ok"), study="rel", attempt=1, num_workers=1,
+                      started_at=dt.datetime.now(dt.timezone.utc), git_commit=None, device="cpu")
 
 
 # ---- claims ----

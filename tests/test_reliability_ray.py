@@ -150,6 +150,20 @@ def test_a_driver_killed_at_random_points_loses_and_duplicates_nothing(tmp_path)
     assert (attempts.drop(index=list(cut_short)) <= 2).all()
 
 
+def test_ctrl_c_stops_the_study_and_the_ray_instance_it_started(tmp_path):
+    spec_path = write_spec(tmp_path, {**SPEC, "execution": {**SPEC["execution"], "simulated_step_time_s": 0.3}})
+    rows = tmp_path / "results/rel" / results.TRIALS
+    driver = start("run", str(spec_path), cwd=tmp_path)
+    wait_for(lambda: files(rows), what="a first row")
+    family = psutil.Process(driver.pid).children(recursive=True)
+    os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    code, _, err = finish(driver, timeout=60)
+    assert code == 130 and err.strip().splitlines()[-1].startswith("interrupted: finished trials are kept"), err
+    assert len(files(rows)) < 18  # stopped, not run on to the end
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.cmdline()[:1] for p in alive]
+
+
 def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(tmp_path):
     crash = {"kind": "crash", "ranks": [1], "alphas": [4], "at_step": 12, "attempts": 1}  # kills its own worker
     spec_path = write_spec(tmp_path, {

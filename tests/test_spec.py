@@ -64,7 +64,7 @@ def test_token_budget_becomes_steps():
         ("execution.resources.workers", 3, "training.batch_size: expected a multiple of the 3 workers of "
                                            "execution.resources, got 32"),
         ("models.0.revision", "v1", "models[0].revision: expected null unless the source is a hub id"),
-        ("data.revision", "v1", "data.revision: expected a branch, tag or commit hash, and only for hf: datasets"),
+        ("data.revision", "v1", "data.revision: expected null unless source is hf:<dataset id>"),
         ("deepspeed.config", {"bf16": {"enabled": True}},
          "deepspeed.config.bf16: expected it left out (the spec sets it from deepspeed.precision)"),
         ("deepspeed.config", {"zero_optimization": {"stage": 2}},
@@ -113,3 +113,15 @@ def test_overrides_reach_list_items_and_nested_keys():
     assert data["training"] == {"steps": 5}
     with pytest.raises(SpecError, match="expected key.path=value"):
         spec_lib.apply_overrides(MINIMAL, ["training.steps"])
+
+
+def test_a_dataset_revision_is_for_hub_datasets_and_ids_without_it_are_unchanged():
+    from scaling_lab.grid import expand
+
+    hub = {"source": "hf:org/name", "text_column": "text"}
+    pinned = spec_lib.parse({**MINIMAL, "data": {**hub, "revision": "v1.0"}})
+    unpinned = spec_lib.parse({**MINIMAL, "data": hub})
+    assert pinned.data.revision == "v1.0" and "revision" not in expand(unpinned)[0].identity()["data"]
+    assert expand(pinned)[0].trial_id != expand(unpinned)[0].trial_id
+    with pytest.raises(SpecError, match=r"^data.revision: expected null unless source is hf:<dataset id>"):
+        spec_lib.parse({**MINIMAL, "data": {"revision": "v1.0"}})

@@ -98,3 +98,30 @@ def test_an_unreachable_job_api_is_one_line(tmp_path):
     done = study("submit", "study.yaml", "--address", f"http://127.0.0.1:{free_port()}", cwd=repo)
     assert done.returncode == 1
     assert "error: cannot submit to the Ray job API" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_job_api_that_says_try_again_later_is_retried(monkeypatch, tmp_path):
+    """A cluster just started answers so until its dashboard agent is up; a lasting answer still ends in one line."""
+    import ray.job_submission
+
+    from scaling_lab.study import submit
+
+    answers = ["No available agent to submit job, please try again later."] * 2
+
+    class JustStarted:
+        def __init__(self, address):
+            pass
+
+        def submit_job(self, **_):
+            if answers:
+                raise RuntimeError(answers.pop())
+            return "raysubmit_1"
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", JustStarted)
+    monkeypatch.setattr(submit.time, "sleep", lambda _: None)
+    assert submit._submit("http://127.0.0.1:1", "true", tmp_path, "s") == "raysubmit_1" and not answers
+
+    monkeypatch.setattr(submit, "TRANSIENT_RETRY_S", 0.0)
+    answers.extend(["No available agent to submit job, please try again later."] * 1000)
+    with pytest.raises(SystemExit):
+        submit._submit("http://127.0.0.1:1", "true", tmp_path, "s")

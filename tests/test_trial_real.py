@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -153,3 +154,45 @@ def test_smoke_study_through_ray_train_and_deepspeed(tmp_path, tiny_cache):
     assert diagnosed[diagnosed["trial_id"].isin(sane["trial_id"])]["drift_ratio"].notna().all()
     assert set(curves[curves["trial_id"].isin(sane["trial_id"])].dropna(subset=["signal"])["step"]) == {1, 4, 8, 12}
     assert (sane["spectral_ratio_max"] > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "seq_cls"])
+def test_a_trial_on_a_text_file_trains_from_data_prepared_once(tmp_path, causal_tokenizer, bert_tokenizer, kind):
+    """A local model with its tokenizer on a JSON-lines file: the trial prepares the rows it reads under
+    cache_dir/data, and a second trial of the study reuses them."""
+    import pandas as pd
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from scaling_lab import data
+    from scaling_lab.train import fine_tune
+
+    words = ["the", "cat", "dog", "sat", "ran", "on", "mat", "far"]
+    rows = [{"prompt": f"question {words[i % 8]} {words[i // 8 % 8]} ?", "completion": f"{words[i % 3]} yes",
+             "label": i % 2} for i in range(400)]
+    pd.DataFrame(rows).to_json(tmp_path / "qa.jsonl", orient="records", lines=True)
+    if kind == "seq_cls":
+        network, tokenizer = BertForSequenceClassification(BertConfig(
+            vocab_size=len(bert_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64)), bert_tokenizer
+    else:
+        network, tokenizer = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(causal_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)), causal_tokenizer
+    network.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    spec = spec_lib.parse({
+        "name": "text", "models": [{"name": "local", "source": str(tmp_path / "model"), "kind": kind}],
+        "grid": {"ranks": [2], "alphas": [4, 16], "learning_rates": [1e-3]},
+        "training": {"steps": 4, "batch_size": 4, "seq_len": 16, "eval_every": 2, "eval_batches": 2},
+        "data": {"source": str(tmp_path / "qa.jsonl"), "prompt_column": "prompt", "completion_column": "completion",
+                 **({"label_column": "label"} if kind == "seq_cls" else {})},
+    }, tmp_path)
+    first, second = expand(spec)
+    outcome = fine_tune(first, tmp_path / "cache", tmp_path)
+    assert outcome.status == "ok" and math.isfinite(outcome.final_eval_loss) and outcome.steps == 4
+    (prepared,) = [path for path in (tmp_path / "cache" / "data").iterdir() if path.is_dir()]
+    data._memo.clear()  # the next trial in another process
+    assert fine_tune(second, tmp_path / "cache", tmp_path).status == "ok"
+    assert [path for path in (tmp_path / "cache" / "data").iterdir() if path.is_dir()] == [prepared]
+    (task,) = data._memo.values()
+    assert len(task.train) == 4 * 4 and len(task.eval) == 2 * 4

@@ -23,6 +23,9 @@ from scaling_lab.analysis.powerlaw import (
 from scaling_lab.analysis.training_diagnostics import diagnostics_by_alpha, has_diagnostics
 
 
+LEARNING_RATE_HELD_FIXED = ("scaling_rule", "alpha")  # the α as set, under its rule: a learning-rate law's setting
+
+
 class AnalysisError(ValueError):
     """Settings or a request the data cannot answer (the data themselves were readable)."""
 
@@ -99,7 +102,7 @@ def fit_study(results: LoadedResults, settings: FitSettings = FitSettings()) -> 
     models = trials["model"].unique()
     if len(models) > 1 and not settings.by_model:
         warnings.append(
-            f"{len(models)} models pooled into one law: use --by model for one law per model and a joint law"
+            f"{len(models)} models pooled into one law (--pool): without it, one law per model and a joint law"
         )
 
     work = trials.assign(alpha=alpha_in_convention(trials["effective_scale"], trials["rank"], settings.convention))
@@ -126,9 +129,12 @@ def fit_study(results: LoadedResults, settings: FitSettings = FitSettings()) -> 
     learning_rate_laws: list[TestedLaw] = []
     equivalence: list[AlphaLrEquivalence] = []
     if learning_rate_is_axis:
-        learning_rate_cells = find_optima(work, "learning_rate", ("alpha",), rng=learning_rate_rng, **optimum_options)
+        # lr*(r) at the setting as run: the scaling rule and the α the grid set, whatever convention α laws use.
+        learning_rate_cells = find_optima(
+            trials, "learning_rate", LEARNING_RATE_HELD_FIXED, rng=learning_rate_rng, **optimum_options
+        )
         learning_rate_laws = _fit_groups(
-            learning_rate_cells, by_model + ("alpha",), "learning_rate", settings, results.maximize
+            learning_rate_cells, by_model + LEARNING_RATE_HELD_FIXED, "learning_rate", settings, results.maximize
         )
         equivalence = alpha_lr_equivalence(
             work,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scaling_lab.analysis.conventions import CONVENTION_EXPONENTS, convert_exponent
+from scaling_lab.analysis.conventions import CONVENTION_EXPONENTS, RULE_EXPONENTS, convert_exponent
 from scaling_lab.analysis.powerlaw import PowerLaw, weighted_least_squares
 
 ALPHA_RULES = (  # exponent in the standard convention (α = lora_alpha, scale α/r)
@@ -58,13 +58,20 @@ def rules_for(law: PowerLaw) -> list[tuple[str, float, str]]:
     """The rules to test, with exponents in the law's own convention."""
     if law.quantity == "alpha":
         return [(name, convert_exponent(k, "standard", law.convention), text) for name, k, text in ALPHA_RULES]
-    # μA (Chen, Villar, Hayou): a multiplier r^-γ on B·A gives lr* ∝ r^-(1-γ)/2; holding α fixed in a
-    # convention with exponent p is the multiplier r^-p.
-    mu_a = -(1.0 - CONVENTION_EXPONENTS[law.convention]) / 2.0
+    mu_a = mu_a_exponent(law)
     rules = [("rank-invariant lr", 0.0, "the same learning rate at every rank")]
     if mu_a != 0.0:
-        rules.append(("μA prediction", mu_a, f"lr* ∝ r^{mu_a:g} at fixed {law.convention} α (A random, B zero)"))
+        rules.append(("μA prediction", mu_a, f"lr* ∝ r^{mu_a:g} at this setting (A random, B zero)"))
     return rules
+
+
+def mu_a_exponent(law: PowerLaw) -> float:
+    """μA (Chen, Villar, Hayou): a multiplier r^-γ on B·A gives lr* ∝ r^-(1-γ)/2. A learning-rate law holds the α
+    the grid set fixed under its scaling rule, whose multiplier is α/r^q: γ = q, so lr* ∝ r^0 (α/r), r^-1/4
+    (α/√r), r^-1/2 (a fixed scale). A law without a rule in its group holds α fixed in its convention."""
+    rule = dict(law.group).get("scaling_rule")
+    gamma = RULE_EXPONENTS[rule] if rule is not None else CONVENTION_EXPONENTS[law.convention]
+    return 0.0 - (1.0 - gamma) / 2.0  # 0.0 rather than -0.0 for the rank-invariant case
 
 
 def evaluate_rules(law: PowerLaw, maximize: bool) -> tuple[HypothesisTest, ...]:
@@ -119,6 +126,13 @@ def _test(law: PowerLaw, name: str, description: str, exponent: float | None, ma
         cells_diverged=diverged,
         cells_outside_grid=int(outside),
     )
+
+
+def rule_coefficients(law: PowerLaw, exponent: float) -> np.ndarray:
+    """log c, k[, m] of the rule k = `exponent` fitted to the law's cells (c, and m, free)."""
+    y = np.log([cell.optimum for cell in law.cells])
+    weights = 1.0 / np.array([cell.log_sigma for cell in law.cells]) ** 2
+    return _fit(_design(law), y, weights, exponent)
 
 
 def _design(law: PowerLaw) -> np.ndarray:

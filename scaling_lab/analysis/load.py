@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from scaling_lab import results
 from scaling_lab.analysis.conventions import RULE_EXPONENTS, effective_scale
@@ -49,6 +50,74 @@ PROVENANCE_COLUMNS = ("study", "git_commit")
 # Kept as they are when present: the trial id joins the curve table's diagnostics, the spectral ratio is one.
 PASSED_THROUGH_COLUMNS = ("trial_id", SPECTRAL_RATIO)
 DEFAULT_METRIC = "final_eval_loss"
+# A study spec's `metric` names what its trials measure; the row column the analysis optimizes is its final value.
+SPEC_METRIC_COLUMNS = {"eval_loss": "final_eval_loss", "eval_accuracy": "final_eval_accuracy"}
+
+
+@dataclass(frozen=True)
+class MetricChoice:
+    """The column to optimize, its direction, and where each came from (for the report and law.json)."""
+
+    column: str
+    maximize: bool
+    origin: str
+
+    def to_dict(self) -> dict:
+        return {"column": self.column, "goal": "maximize" if self.maximize else "minimize", "origin": self.origin}
+
+
+def choose_metric(source: str | Path, metric: str | None = None, maximize: bool | None = None) -> MetricChoice:
+    """The metric a fit of `source` optimizes: --metric / --maximize when given, else the study's `metric` from
+    the results directory's spec.yaml, else (a bare file, or a directory without a spec) final_eval_loss."""
+    if metric is not None:
+        origin = "--metric"
+        column = metric
+    else:
+        spec_metric = read_spec_metric(source)
+        if spec_metric is None:
+            column, origin = DEFAULT_METRIC, "default (no study spec beside the results)"
+        else:
+            column = SPEC_METRIC_COLUMNS[spec_metric]
+            origin = f"the study spec ({spec_path(source)}: metric: {spec_metric})"
+    if maximize is None:
+        maximize = metric_is_maximized(column)
+    else:
+        origin += f"; goal from --{'maximize' if maximize else 'minimize'}"
+    return MetricChoice(column, maximize, origin)
+
+
+def spec_path(source: str | Path) -> str:
+    """The results directory's spec.yaml, named as the user named the directory (so reports do not depend on
+    where they were made)."""
+    return f"{str(source).rstrip('/')}/spec.yaml"
+
+
+def read_study_spec(source: str | Path) -> dict | None:
+    """The study spec in a results directory (its spec.yaml, as plain data), or None for a file or a directory
+    without one. A spec.yaml that is not a YAML mapping is an error naming it."""
+    if not is_results_directory(source):
+        return None
+    store = results.as_store(str(source))
+    if not store.exists("spec.yaml"):
+        return None
+    try:
+        spec = yaml.safe_load(store.read_bytes("spec.yaml"))
+    except yaml.YAMLError:
+        spec = None
+    if not isinstance(spec, dict):
+        raise ResultsError(f"{spec_path(source)}: not a study spec (expected a YAML mapping)")
+    return spec
+
+
+def read_spec_metric(source: str | Path) -> str | None:
+    """The `metric` of the study spec in a results directory (eval_loss when the spec leaves it out), or None."""
+    spec = read_study_spec(source)
+    if spec is None:
+        return None
+    value = spec.get("metric", "eval_loss")
+    if value not in SPEC_METRIC_COLUMNS:
+        raise ResultsError(f"{spec_path(source)}: metric: expected one of {list(SPEC_METRIC_COLUMNS)}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -65,6 +134,8 @@ class LoadedResults:
     scaling_rules: tuple[str, ...]
     provenance: dict[str, list[str]]
     warnings: tuple[str, ...]
+    metric_origin: str = "given by the caller"
+    study_spec: dict | None = field(default=None, repr=False, compare=False)  # the results directory's spec.yaml
 
     @property
     def n_dropped(self) -> int:
@@ -75,6 +146,7 @@ class LoadedResults:
             "source": self.source,
             "metric": self.metric,
             "goal": "maximize" if self.maximize else "minimize",
+            "metric_origin": self.metric_origin,
             "rows": self.n_rows,
             "status_counts": self.status_counts,
             "dropped_error_oom": self.n_dropped,
@@ -89,12 +161,15 @@ def metric_is_maximized(metric: str) -> bool:
 
 
 def load_results(
-    source: str | Path, metric: str = DEFAULT_METRIC, maximize: bool | None = None, diagnostics: bool = False
+    source: str | Path, metric: str | None = None, maximize: bool | None = None, diagnostics: bool = False
 ) -> LoadedResults:
     """Read and validate `source` (a results directory, local or at a URI, or a .parquet / .csv file);
-    raises ResultsError with a one-line message naming the file. With `diagnostics`, a results directory's
-    curves add each trial's training diagnostics to its row (see training_diagnostics)."""
-    loaded = from_frame(_read_source(str(source), metric), metric, maximize, source=source)
+    raises ResultsError with a one-line message naming the file. The metric is `metric` when given, else the
+    study's (choose_metric). With `diagnostics`, a results directory's curves add each trial's training
+    diagnostics to its row (see training_diagnostics)."""
+    choice = choose_metric(source, metric, maximize)
+    loaded = from_frame(_read_source(str(source), choice.column), choice.column, choice.maximize, source=source)
+    loaded = replace(loaded, metric_origin=choice.origin, study_spec=read_study_spec(source))
     if diagnostics and is_results_directory(source) and "trial_id" in loaded.trials:
         summary = read_trial_diagnostics(results.as_store(str(source)), loaded.trials["trial_id"])
         if summary is not None:

@@ -33,7 +33,7 @@ class CellOptimum:
     axis: str
     model: str
     rank: int
-    held_fixed: tuple[tuple[str, float], ...]
+    held_fixed: tuple[tuple[str, float | str], ...]
     model_params: float | None
     trainable_params: float | None
     grid: tuple[float, ...]
@@ -63,7 +63,8 @@ class CellOptimum:
         return None
 
     def label(self) -> str:
-        fixed = " ".join(f"{name}={value:g}" for name, value in self.held_fixed)
+        fixed = " ".join(f"{name}={value if isinstance(value, str) else format(value, 'g')}"
+                         for name, value in self.held_fixed)
         return " ".join(part for part in (self.model, f"r={self.rank}", fixed) if part)
 
     def objective_curve(self, maximize: bool) -> np.ndarray:
@@ -153,7 +154,8 @@ def find_optima(
     cell_columns = ["model", *fixed_columns, "rank"]
     keys = trials[cell_columns].copy()
     for name in fixed_columns:
-        keys[name] = np.round(np.log(trials[name].to_numpy()), 9)
+        if pd.api.types.is_numeric_dtype(trials[name]):
+            keys[name] = np.round(np.log(trials[name].to_numpy()), 9)
     cell_code = keys.groupby(cell_columns, sort=True, observed=True).ngroup().to_numpy()
     order = np.argsort(cell_code, kind="stable")
     bounds = np.searchsorted(cell_code[order], np.arange(cell_code.max() + 2))
@@ -248,7 +250,7 @@ def _cell_optimum(
         axis=axis,
         model=model_name,
         rank=int(cell["rank"][0]),
-        held_fixed=tuple((name, float(cell[name][0])) for name in fixed_columns),
+        held_fixed=tuple((name, _fixed_value(cell[name][0])) for name in fixed_columns),
         model_params=_optional_float(cell["model_params"][0]),
         trainable_params=_optional_float(cell["trainable_params"][0]),
         grid=tuple(float(g) for g in grid),
@@ -318,6 +320,10 @@ def _grid_step(log_grid: np.ndarray, index: int) -> float:
         return math.log(2.0)
     neighbours = [i for i in (index - 1, index + 1) if 0 <= i < len(log_grid)]
     return float(np.mean([abs(log_grid[i] - log_grid[index]) for i in neighbours]))
+
+
+def _fixed_value(value: object) -> float | str:
+    return value if isinstance(value, str) else float(value)
 
 
 def _optional_float(value: float | None) -> float | None:

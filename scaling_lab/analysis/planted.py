@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from scaling_lab.analysis.conventions import effective_scale
+
 RankLaw = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -34,9 +36,11 @@ def planted_trials(
     noise: float = 0.002,
     diverge_above: float = 3.0,
     missing_fraction: float = 0.0,
+    scaling_rule: str = "standard",
     rng: np.random.Generator | None = None,
 ) -> pd.DataFrame:
-    """Every combination of model × rank × α × learning rate × seed as one trial row (scaling rule "standard").
+    """Every combination of model × rank × α × learning rate × seed as one trial row, α applied under
+    `scaling_rule` (the planted α* is in the standard convention: it is compared with the effective scale · r).
 
     `diverge_above` is in units of log α − log α*; `missing_fraction` of the rows is dropped at random."""
     rng = rng or np.random.default_rng(0)
@@ -52,7 +56,8 @@ def planted_trials(
     )
     model_index, rank, alpha, learning_rate, seed = (axis.ravel() for axis in grid)
     size = np.array([models[name] for name in names])[model_index]
-    distance = np.log(alpha) - np.log(optimal_alpha(rank, size))
+    scale = effective_scale(alpha, rank, np.full(rank.size, scaling_rule))
+    distance = np.log(scale * rank) - np.log(optimal_alpha(rank, size))
     loss = 1.0 + curvature * distance**2 + rng.normal(0.0, noise, size=rank.size)
     if optimal_learning_rate is not None:
         loss += curvature * (np.log(learning_rate) - np.log(optimal_learning_rate(rank, size))) ** 2
@@ -66,8 +71,8 @@ def planted_trials(
             "alpha": alpha,
             "learning_rate": learning_rate,
             "seed": seed.astype(np.int32),
-            "scaling_rule": "standard",
-            "effective_scale": alpha / rank,
+            "scaling_rule": scaling_rule,
+            "effective_scale": scale,
             "status": np.where(diverged, "diverged", "ok"),
             "final_eval_loss": np.where(diverged, np.nan, loss),
             "final_eval_accuracy": np.where(diverged, np.nan, np.exp(-loss)),

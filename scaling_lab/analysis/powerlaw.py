@@ -54,6 +54,38 @@ class Prediction:
     warnings: tuple[str, ...]
 
 
+def extrapolation_warnings(
+    rank: float, ranks: Sequence[int], model_params: float | None = None, model_sizes: Sequence[float] = ()
+) -> list[str]:
+    """Warnings for a prediction more than EXTRAPOLATION_FACTOR outside the measured ranks (and model sizes)."""
+    warnings = []
+    largest, smallest = max(ranks), min(ranks)
+    factor = f"{EXTRAPOLATION_FACTOR:g}×"
+    if rank > EXTRAPOLATION_FACTOR * largest:
+        warnings.append(f"rank {rank:g} is more than {factor} the largest measured rank ({largest}): extrapolated")
+    if rank < smallest / EXTRAPOLATION_FACTOR:
+        warnings.append(f"rank {rank:g} is less than 1/{factor} the smallest measured rank ({smallest}): extrapolated")
+    if model_params is not None and model_sizes:
+        smallest_size, largest_size = min(model_sizes), max(model_sizes)
+        if not smallest_size / EXTRAPOLATION_FACTOR <= model_params <= EXTRAPOLATION_FACTOR * largest_size:
+            warnings.append(
+                f"model size {model_params:.3g} is more than {factor} outside the measured sizes "
+                f"{smallest_size:.3g}–{largest_size:.3g}: extrapolated"
+            )
+    return warnings
+
+
+def interval_band(
+    parameters: np.ndarray, covariance: np.ndarray, replicates: np.ndarray, dof: int, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """exp of the estimate and its 95% interval at each design row (see _intervals)."""
+    estimates = rows @ parameters
+    residual_sd = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", rows, covariance, rows), 0.0))
+    low, high = _intervals(estimates, replicates @ rows.T, residual_sd, dof)
+    with np.errstate(over="ignore"):
+        return np.exp(estimates), np.exp(low), np.exp(high)
+
+
 @dataclass(frozen=True)
 class PowerLaw:
     """optimum(r[, N]) = c · r^k [· N^m] for one group of cells, with 95% intervals and what the data support."""
@@ -102,31 +134,12 @@ class PowerLaw:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The optimum and its 95% interval at each of `ranks` (at one model size for a joint law)."""
         rows = np.stack([self.design_row(rank, model_params) for rank in ranks])
-        estimates = rows @ self.parameters
-        residual_sd = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", rows, self.covariance, rows), 0.0))
-        low, high = _intervals(estimates, self.replicates @ rows.T, residual_sd, self.dof)
-        with np.errstate(over="ignore"):
-            return np.exp(estimates), np.exp(low), np.exp(high)
+        return interval_band(self.parameters, self.covariance, self.replicates, self.dof, rows)
 
     def predict(self, rank: float, model_params: float | None = None) -> Prediction:
         """The optimum and its 95% interval at `rank` (and model size), with warnings when extrapolating."""
         values, lows, highs = self.band([rank], model_params)
-        warnings = []
-        largest, smallest = max(self.ranks), min(self.ranks)
-        factor = f"{EXTRAPOLATION_FACTOR:g}×"
-        if rank > EXTRAPOLATION_FACTOR * largest:
-            warnings.append(f"rank {rank:g} is more than {factor} the largest measured rank ({largest}): extrapolated")
-        if rank < smallest / EXTRAPOLATION_FACTOR:
-            warnings.append(
-                f"rank {rank:g} is less than 1/{factor} the smallest measured rank ({smallest}): extrapolated"
-            )
-        if model_params is not None:
-            smallest_size, largest_size = min(self.model_sizes), max(self.model_sizes)
-            if not smallest_size / EXTRAPOLATION_FACTOR <= model_params <= EXTRAPOLATION_FACTOR * largest_size:
-                warnings.append(
-                    f"model size {model_params:.3g} is more than {factor} outside the measured sizes "
-                    f"{smallest_size:.3g}–{largest_size:.3g}: extrapolated"
-                )
+        warnings = extrapolation_warnings(rank, self.ranks, model_params, self.model_sizes)
         if not self.supported:
             warnings.append("the law is not supported by the data: " + "; ".join(self.warnings))
         return Prediction(float(values[0]), float(lows[0]), float(highs[0]), tuple(warnings))
@@ -192,6 +205,8 @@ class PowerLaw:
             "supported": self.supported,
             "warnings": list(self.warnings),
             "notes": list(self.notes),
+            # log c, k[, m] of each bootstrap resample (α laws): predictions from law.json get the fit's intervals
+            "bootstrap_parameters": _rounded(self.replicates) if self.quantity == "alpha" else None,
         }
 
 
@@ -417,6 +432,10 @@ def _r_squared(y: np.ndarray, weights: np.ndarray, chi2: float) -> float:
     """Weighted R² in log space. It depends on the convention: a law with k near 0 has R² near 0 however well it fits."""
     total = float(np.sum(weights * (y - np.average(y, weights=weights)) ** 2))
     return 1.0 - chi2 / total if total > 0 else math.nan
+
+
+def _rounded(replicates: np.ndarray) -> list[list[float]]:
+    return [[float(f"{v:.9g}") for v in row] for row in replicates.tolist()]
 
 
 def _show(value: object) -> str:

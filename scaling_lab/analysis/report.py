@@ -14,12 +14,14 @@ from scaling_lab.analysis.conventions import (
     CONVENTION_EXPONENTS,
     CONVENTION_SYMBOLS,
 )
+from scaling_lab.analysis import verification
 from scaling_lab.analysis.equivalence import VERDICT_LABELS, WINDOW_DOUBLINGS
 from scaling_lab.analysis.fit import StudyFit, TestedLaw
+from scaling_lab.analysis.hypotheses import mu_a_exponent
 from scaling_lab.analysis.optimum import CellOptimum
 from scaling_lab.analysis.powerlaw import NoLaw, PowerLaw, Prediction
 
-LAW_FORMAT_VERSION = 1
+LAW_FORMAT_VERSION = 2  # 2: the metric and its origin, the study spec, bootstrap resamples of each law
 MAX_TERMINAL_CELLS = 40
 VERSIONED_PACKAGES = ["scaling_lab", "numpy", "scipy", "pandas", "pyarrow", "matplotlib"]
 
@@ -61,6 +63,7 @@ def format_terminal(fit: StudyFit, written: Sequence[Path] = ()) -> str:
             f"  metric {res.metric} ({'higher' if res.maximize else 'lower'} is better) · "
             f"{settings.n_bootstrap} bootstrap resamples, seed {settings.seed}"
         ),
+        f"  metric from {res.metric_origin}",
         f"  {CONVENTION_DESCRIPTIONS[settings.convention]}",
         "",
     ]
@@ -68,7 +71,7 @@ def format_terminal(fit: StudyFit, written: Sequence[Path] = ()) -> str:
     for tested in fit.alpha_laws + fit.joint_laws:
         lines += [""] + _law_lines(tested)
     if fit.learning_rate_laws:
-        lines += ["", "learning-rate laws (lr* against rank at fixed α)"]
+        lines += ["", "learning-rate laws (lr* against rank at the scaling rule and α the grid set)"]
         lines += ["  " + _law_summary(t.law) for t in fit.learning_rate_laws if isinstance(t.law, PowerLaw)]
         lines += [
             "  " + line for line in _no_law_summary([t.law for t in fit.learning_rate_laws if isinstance(t.law, NoLaw)])
@@ -125,7 +128,7 @@ def _cell_rows(fit: StudyFit, cells: Sequence[CellOptimum], near_optimal: bool =
         rows.append(
             [
                 cell.model,
-                *(_number(value) for _, value in cell.held_fixed),
+                *(value if isinstance(value, str) else _number(value) for _, value in cell.held_fixed),
                 str(cell.rank),
                 _number(cell.optimum),
                 _interval_text(cell.optimum_low, cell.optimum_high),
@@ -272,6 +275,29 @@ def format_predictions(
     return "\n".join(lines)
 
 
+def format_stored_predictions(
+    document: dict, path: Path, laws: Sequence, ranks: Sequence[float], model_params: float | None
+) -> str:
+    """Predictions from the laws of a law.json (adapter.StoredLaw), as format_predictions shows a fit's."""
+    convention = document["convention"]["name"]
+    symbol = CONVENTION_SYMBOLS[convention]
+    rows, notices = [], {}
+    for law in laws:
+        for rank in ranks:
+            p = law.predict(rank, model_params)
+            rows.append([f"{law.group_label()} ({law.formula()})", f"{rank:g}",
+                         *([f"{model_params:.3g}"] if model_params is not None else []),
+                         _number(p.value), _interval_text(p.low, p.high)])
+            notices.update(dict.fromkeys(p.warnings))
+    metric = (document.get("metric") or {}).get("column")
+    lines = [f"{symbol}* ({CONVENTION_DESCRIPTIONS[convention]}) from {path}, fitted on {document.get('source')}"
+             + (f" (metric {metric})" if metric else "")]
+    header = ["law", "rank", *(["N"] if model_params is not None else []), f"{symbol}*", "95% CI"]
+    lines += ["  " + line for line in _aligned(header, rows)]
+    lines += [f"  ! {w}" for w in notices]
+    return "\n".join(lines)
+
+
 def law_document(fit: StudyFit) -> dict:
     """Everything law.json holds: laws with intervals and rules, the cells behind them, data, settings, versions."""
     convention = fit.settings.convention
@@ -280,6 +306,12 @@ def law_document(fit: StudyFit) -> dict:
     document = {
         "format_version": LAW_FORMAT_VERSION,
         "source": str(fit.results.source),
+        "metric": {
+            "column": fit.results.metric,
+            "goal": "maximize" if fit.results.maximize else "minimize",
+            "origin": fit.results.metric_origin,
+        },
+        "study_spec": fit.results.study_spec,
         "convention": {
             "name": convention,
             "description": CONVENTION_DESCRIPTIONS[convention],
@@ -335,18 +367,32 @@ def write_outputs(fit: StudyFit, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     law_path = out_dir / "law.json"
-    law_path.write_text(json.dumps(law_document(fit), indent=2, allow_nan=False) + "\n")
+    document = law_document(fit)
+    verified = _earlier_verification(law_path)  # written by `study verify`: a refit keeps it
+    if verified:
+        document["verification"] = verified
+    law_path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     plots = write_plots(fit, out_dir)
     report_path = out_dir / "report.md"
-    report_path.write_text(format_markdown(fit, [p.name for p in plots]))
+    report = format_markdown(fit, [p.name for p in plots])
+    report_path.write_text(verification.with_section(report, verification.markdown(verified)) if verified else report)
     return [law_path, report_path, *plots]
+
+
+def _earlier_verification(law_path: Path) -> list[dict]:
+    try:
+        return json.loads(law_path.read_text()).get("verification") or []
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 PLOT_CAPTIONS = {
     "metric_vs_alpha.png": "Metric against α per rank (mean over seeds), one panel per model size. Stars: optima with 95% intervals; hollow stars are not used in the law; red crosses: diverged.",
     "alpha_vs_rank.png": "Optimal α against rank on log-log axes with the fitted law and its 95% band; grey lines: the reference rules k = 0, 0.5, 1 (in this convention's terms) through the centre of the data.",
     "residuals.png": "Each optimum relative to its law's prediction, in percent, with 95% error bars. A power law leaves no pattern around 0.",
-    "learning_rate_vs_rank.png": "Optimal learning rate against rank at fixed α, with the fitted laws.",
+    "learning_rate_vs_rank.png": (
+        "Optimal learning rate against rank at each scaling rule and α the grid set, with the fitted laws."
+    ),
     "alpha_lr_surface.png": "The metric over α × learning rate per model and rank (at most four cells): colour, how much worse the mean over seeds is than the fitted optimum (★), in percent; red crosses: diverged. White contours: the fitted full model at 1, 4 and 16 times the tolerance above its optimum, where it was fitted; dashed: the line α·lr = const through the optimum. Under the α·lr hypothesis the contours run parallel to it; an α effect of its own closes them across it.",
     "diagnostics_vs_alpha.png": "Training diagnostics against α, one line per rank (the metric figure's colours), at the learning rate that figure shows. Solid: each trial's value over its diagnostic steps after step 1 (mean signal and update norm; drift ratio = summed drift / summed signal), mean over seeds; dashed: the first logged step after step 1. Spectral ratio: end of training, mean over adapted layers. Dotted: ratio 1.",
 }
@@ -496,7 +542,7 @@ def format_markdown(fit: StudyFit, plot_names: Sequence[str]) -> str:
         "## Data",
         "",
         f"- {_data_line(fit)}",
-        f"- metric: `{res.metric}` ({'higher' if res.maximize else 'lower'} is better)",
+        f"- metric: `{res.metric}` ({'higher' if res.maximize else 'lower'} is better), from {res.metric_origin}",
     ]
     lines += [f"- {CONVENTION_DESCRIPTIONS[convention]}: every law below is stated in these terms"]
     if len(res.scaling_rules) > 1:
@@ -524,7 +570,8 @@ def format_markdown(fit: StudyFit, plot_names: Sequence[str]) -> str:
         lines += ["## Training diagnostics", "", DIAGNOSTICS_TEXT, ""] + _figure(SECTION_PLOTS[1])
     lines += ["## Optimum per cell", ""] + _markdown_cells(fit, fit.alpha_cells, "α*") + [""]
     if fit.learning_rate_is_axis:
-        lines += ["## Learning rate", "", "lr* against rank at each fixed α (in the convention above).", ""]
+        lines += ["## Learning rate", "", LEARNING_RATE_TEXT, ""]
+        lines += _markdown_mu_a(fit) + [""]
         for tested in fit.learning_rate_laws:
             lines += _markdown_law(tested) + [""]
         lines += _markdown_cells(fit, fit.learning_rate_cells, "lr*") + [""]
@@ -543,6 +590,28 @@ def format_markdown(fit: StudyFit, plot_names: Sequence[str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+LEARNING_RATE_TEXT = """\
+lr* against rank at the setting as run: one law per scaling rule and α value the grid set (the α column is that
+α, not the convention above), so that a study under α/r, α/√r or a fixed scale each gets its lr*(r) law.
+μA (Chen, Villar, Hayou, arXiv 2602.06204): with A random and B zero, a multiplier r^-γ on B·A gives
+lr* ∝ r^-(1-γ)/2; a fixed α under α/r, α/√r and a fixed scale is γ = 1, 1/2, 0, so lr* ∝ r^0, r^-1/4, r^-1/2."""
+
+
+def _markdown_mu_a(fit: StudyFit) -> list[str]:
+    header = ["law", "k", "95% CI", "μA's k", "inside the CI"]
+    rows = []
+    for tested in fit.learning_rate_laws:
+        law = tested.law
+        if not isinstance(law, PowerLaw):
+            continue
+        predicted = mu_a_exponent(law)
+        low, high = law.k_ci
+        finite = math.isfinite(low) and math.isfinite(high)
+        inside = "—" if not finite else ("yes" if low <= predicted <= high else "no")
+        rows.append([law.group_label(), f"{law.k:.3f}", _exponent_interval(law.k_ci), f"{predicted:g}", inside])
+    return _markdown_table(header, rows) if rows else []
 
 
 def _headline(fit: StudyFit) -> str:

@@ -1,4 +1,4 @@
-"""python -m scaling_lab.study plan|run|resume|status|submit: run a study spec as a grid of LoRA fine-tunes."""
+"""python -m scaling_lab.study plan|run|resume|status|submit|verify: run a study spec as a grid of LoRA fine-tunes."""
 
 from __future__ import annotations
 
@@ -54,9 +54,12 @@ def cmd_plan(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from scaling_lab.study.runner import GroupsFailed, RunOptions, run
+    from scaling_lab.study.runner import GroupsFailed, RunOptions, TrialsFailed, run
 
     spec = _load(args)
+    from scaling_lab.preflight import check as preflight_check
+
+    preflight_check(spec, args.address, Path.cwd())  # before Ray starts: what the trials need is installed
     options = RunOptions(
         base_dir=Path.cwd(),
         address=args.address,
@@ -68,9 +71,35 @@ def cmd_run(args) -> None:
     try:
         run(spec, options)
     except GroupsFailed:
-        print(progress.summary(results_dir, study_trial_ids(spec, results_dir)))
+        print(progress.summary(results_dir, study_trial_ids(spec, results_dir), spec.metric))
         raise
-    print(progress.summary(results_dir, study_trial_ids(spec, results_dir)))
+    trial_ids = study_trial_ids(spec, results_dir)
+    print(progress.summary(results_dir, trial_ids, spec.metric))
+    failed = progress.snapshot(results_dir, trial_ids).failed
+    if failed:
+        raise TrialsFailed(f"{failed} trials failed (error or oom): `status {results_dir}` says why, and "
+                           f"`run --retry-failed` runs them again")
+
+
+def cmd_verify(args) -> None:
+    from scaling_lab.analysis.__main__ import default_out_dir
+    from scaling_lab.analysis.fit import FitSettings
+    from scaling_lab.analysis.verification import format_terminal
+    from scaling_lab.study.runner import RunOptions
+    from scaling_lab.study.verify import verify_study
+
+    if args.rank is not None and args.rank < 1:
+        raise spec_lib.SpecError(f"--rank: expected a positive integer, got {args.rank}")
+    if args.points < 3:
+        raise spec_lib.SpecError(f"--points: expected an integer >= 3, got {args.points}")
+    options = RunOptions(base_dir=Path.cwd(), address=args.address,
+                         cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
+                         verbose=args.verbose)
+    settings = FitSettings(convention=args.convention, n_bootstrap=args.bootstrap, seed=args.seed, by_model=True)
+    out_dir = args.out or default_out_dir(args.results)
+    entries = verify_study(args.results, args.rank, args.model, settings, options, out_dir, args.points)
+    print(format_terminal(entries, entries[0].metric if entries else ""))
+    print(f"wrote the verification to {out_dir / 'law.json'} and {out_dir / 'report.md'}")
 
 
 def cmd_status(args) -> None:
@@ -136,18 +165,42 @@ def main(argv: list[str] | None = None) -> int:
                         help="pass this environment variable (e.g. HF_TOKEN) to the job and its workers, with its "
                              "value here; the value is written nowhere (repeatable)")
     submit.set_defaults(func=cmd_submit)
+    verify = commands.add_parser("verify", help="check the study's law out of sample: hold out its largest rank, "
+                                                "or run a bracket of α around the prediction at --rank")
+    verify.add_argument("results", help="the study's results directory (with spec.yaml)")
+    verify.add_argument("--rank", type=int, default=None,
+                        help="rank to verify by new trials (default: hold out the largest finished rank, no trials)")
+    verify.add_argument("--model", default=None, help="verify this model's law only (default: every model's)")
+    verify.add_argument("--points", type=int, default=5, help="α values in the bracket at --rank (default 5)")
+    verify.add_argument("--convention", choices=["standard", "rslora", "scale"], default="standard",
+                        help="the convention the law is stated in (default standard)")
+    verify.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    verify.add_argument("--out", type=Path, default=None,
+                        help="folder of law.json and report.md (default <results>/analysis, as fit's)")
+    verify.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    verify.add_argument("--cache-dir", default=None, help="model cache (default: the spec's cache_dir)")
+    verify.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
+    verify.set_defaults(func=cmd_verify)
     args = parser.parse_args(argv)
+    from scaling_lab.analysis.fit import AnalysisError
     from scaling_lab.data import DataError
-    from scaling_lab.study.runner import GroupsFailed
+    from scaling_lab.study.runner import GroupsFailed, TrialsFailed
 
     try:
         args.func(args)
     except (spec_lib.SpecError, results.ResultsError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except GroupsFailed as exc:
+    except AnalysisError as exc:
+        print(f"error: {args.results if args.command == 'verify' else ''}: {exc}", file=sys.stderr)
+        return 2
+    except (GroupsFailed, TrialsFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are kept; run the same command again to continue", file=sys.stderr)
+        return 130
     return 0
 
 

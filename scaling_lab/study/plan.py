@@ -26,12 +26,12 @@ def parameter_count(model: ModelSpec) -> int | None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
-        from scaling_lab.models import TINY_FAMILY
+        from scaling_lab.models import TINY_FAMILY, model_location
 
         if model.source.startswith("tiny:"):
             config = LlamaConfig(**TINY_FAMILY[model.source.removeprefix("tiny:")])
         else:
-            config = AutoConfig.from_pretrained(model.source)
+            config = AutoConfig.from_pretrained(model_location(model.source))
         auto = AutoModelForSequenceClassification if model.kind == "seq_cls" else AutoModelForCausalLM
         with torch.device("meta"):
             built = auto.from_config(config)

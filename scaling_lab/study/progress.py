@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from scaling_lab import results
+from scaling_lab.search import metric_column
 
 
 @dataclass(frozen=True)
@@ -116,24 +117,29 @@ def failures(results_dir: str) -> pd.DataFrame:
     return failed[["trial_id", "model", "rank", "alpha", "learning_rate", "seed", "status", "error"]]
 
 
-def summary(results_dir: str, trial_ids: list[str]) -> str:
-    """One screen: counts by status, the best α per (model, rank) by final held-out loss, throughput."""
+def summary(results_dir: str, trial_ids: list[str], metric: str = "eval_loss") -> str:
+    """One screen: counts by status, the best α per (model, rank) by the study's metric (its final value; higher
+    is better for accuracy), throughput."""
     snap = snapshot(results_dir, trial_ids)
     frame = results.load(results_dir)
     frame = frame[frame["trial_id"].isin(set(trial_ids))]
     lines = [f"study results in {results_dir}", snap.line()]
     ok = frame[frame["status"] == "ok"]
     if not ok.empty:
-        mean_loss = ok.groupby(["model", "scaling_rule", "learning_rate", "rank", "alpha"])["final_eval_loss"].mean()
-        best = mean_loss.groupby(level=["model", "scaling_rule", "learning_rate", "rank"]).idxmin()
+        column, maximize = metric_column(metric)
+        mean_loss = ok.groupby(["model", "scaling_rule", "learning_rate", "rank", "alpha"])[column].mean()
+        cells = mean_loss.groupby(level=["model", "scaling_rule", "learning_rate", "rank"])
+        best = cells.idxmax() if maximize else cells.idxmin()
         alphas = sorted(frame["alpha"].unique())
-        lines.append("best α per cell (seed-averaged final held-out loss; * = at the edge of the α grid):")
+        what = "final held-out accuracy, higher is better" if maximize else "final held-out loss"
+        lines.append(f"best α per cell (seed-averaged {what}; * = at the edge of the α grid):")
         for key, index in best.items():
             alpha = index[-1]
             edge = "*" if alpha in (alphas[0], alphas[-1]) else " "
             model, rule, lr, rank = key
             lines.append(
-                f"  {model:>12} {rule:>8} lr={lr:<8.3g} r={rank:<5} α*={alpha:<10.4g}{edge} loss={mean_loss[index]:.4f}"
+                f"  {model:>12} {rule:>8} lr={lr:<8.3g} r={rank:<5} α*={alpha:<10.4g}{edge} "
+                f"{metric.removeprefix('eval_')}={mean_loss[index]:.4f}"
             )
         throughput = ok["tokens_per_s"].dropna()
         lines.append(

@@ -33,6 +33,10 @@ class GroupsFailed(RuntimeError):
     """Groups of trials that crashed past their retries (a failing trial alone is recorded as a row instead)."""
 
 
+class TrialsFailed(RuntimeError):
+    """The study ended with trials whose rows say error or oom."""
+
+
 @dataclass(frozen=True)
 class RunOptions:
     base_dir: Path
@@ -153,27 +157,49 @@ def run_group_trainable(config: dict) -> None:
         run_group(group)
         return
 
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    from scaling_lab.trial import train_worker_loop
+    from scaling_lab.trial import record_cut_short, train_worker_loop
 
     resources = spec_lib.build(Resources, group["resources"])
     identity = group.get("lane") or [TrialConfig.from_dict(t).trial_id for t in group["trials"]]
-    TorchTrainer(
-        train_worker_loop,
-        train_loop_config=group,
-        scaling_config=ScalingConfig(
-            num_workers=resources.workers,
-            use_gpu=resources.gpus_per_worker > 0,
-            resources_per_worker=_worker_resources(resources),
-        ),
-        run_config=RunConfig(
-            name=f"group-{hashlib.sha256(json.dumps([group['run_id'], identity]).encode()).hexdigest()[:16]}",
-            **ray_storage(results.Store(group["results_dir"])),
-            failure_config=FailureConfig(max_failures=group["max_retries"]),
-        ),
-    ).fit()
+    for start in itertools.count():
+        name = hashlib.sha256(json.dumps([group["run_id"], identity, start]).encode()).hexdigest()[:16]
+        trainer = TorchTrainer(
+            train_worker_loop,
+            train_loop_config=group,
+            scaling_config=ScalingConfig(
+                num_workers=resources.workers,
+                use_gpu=resources.gpus_per_worker > 0,
+                resources_per_worker=_worker_resources(resources),
+            ),
+            run_config=RunConfig(
+                name=f"group-{name}",
+                **ray_storage(results.Store(group["results_dir"])),
+                # Ray Train retries a worker group that fails to start (a controller failure) without end unless
+                # told otherwise: a node short of memory then restarts it forever.
+                failure_config=FailureConfig(max_failures=group["max_retries"],
+                                             controller_failure_limit=group["max_retries"]),
+            ),
+        )
+        try:
+            trainer.fit()
+            return
+        except TrainingFailedError as exc:
+            # Past its retries: the trials the worker group was running become rows (oom or error), and a
+            # fresh worker group goes on with the rest; a failure no trial can be blamed for fails the group.
+            if not record_cut_short(group, str(exc)):
+                raise
+            if not _trials_left(group):
+                return
+
+
+def _trials_left(group: dict) -> bool:
+    if "queue" in group:
+        return trial_queue.pending(group) > 0
+    done = results.completed_ids(group["results_dir"])
+    return any(TrialConfig.from_dict(t).trial_id not in done for t in group["trials"])
 
 
 def _group_request(config: dict):
@@ -279,6 +305,8 @@ def connect_ray(options: RunOptions) -> None:
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C stops the study: Tune would otherwise catch it, end the round, and the next round would start.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     ray.init(address=options.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=options.verbose,
              include_dashboard=False, configure_logging=False)
 
@@ -314,6 +342,25 @@ def run(spec: StudySpec, options: RunOptions) -> str:
     return results_dir
 
 
+def run_trials(spec: StudySpec, options: RunOptions, trials: list[TrialConfig]) -> str:
+    """Run the given trials of `spec`'s study (not its grid) into its results directory, as `run` runs the grid:
+    finished ones are skipped, running ones waited for. The directory's spec.yaml is left as it is, so that the
+    study's own `run`, `status` and `fit` see the study they ran (`study verify` adds trials this way)."""
+    results_dir = spec.results_dir(options.base_dir)
+    store = results.Store(results_dir)
+    check_results_dir(spec, store)
+    done = results.completed_ids(store)
+    todo = [t for t in trials if t.trial_id not in done]
+    if not todo:
+        print(f"all {len(trials)} trials are finished in {results_dir}; nothing to run")
+        return results_dir
+    print(f"{len(todo)} of {len(trials)} trials to run in {results_dir}")
+    store.remove_stale_temporaries(older_than_s=spec.execution.claim_timeout_s)
+    with full_disk_named(store):
+        _run_rounds(spec, options, results_dir, trials)
+    return results_dir
+
+
 def _run_rounds(spec: StudySpec, options: RunOptions, results_dir: str, trials: list[TrialConfig]) -> None:
     """Tune runs over the unfinished trials, until none is left."""
     import ray
@@ -329,7 +376,8 @@ def _run_rounds(spec: StudySpec, options: RunOptions, results_dir: str, trials: 
             # Rounds: run the free trials; wait for those another driver runs, and run any it abandons.
             left_after_last_round = elsewhere_noted = None
             for round_number in itertools.count():
-                todo = pending_trials(spec, results_dir)[1]
+                done = results.completed_ids(results_dir)
+                todo = [t for t in trials if t.trial_id not in done]
                 if not todo:
                     break
                 elsewhere = set(claims.held_elsewhere(store, [t.trial_id for t in todo], run_id))

@@ -14,12 +14,16 @@ import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from scaling_lab import spec as spec_lib
 
 # Never uploaded with the working directory (Ray also leaves out what .gitignore names).
 UPLOAD_EXCLUDES = [".venv", "results", ".git", "__pycache__", ".pytest_cache", "*.egg-info"]
+# A cluster just started (by `ray up`, say) answers "No available agent to submit job, please try again later"
+# until its dashboard agent is up: such answers are retried for this long.
+TRANSIENT_RETRY_S = 60.0
 
 
 def cmd_submit(args) -> None:
@@ -78,10 +82,15 @@ def _submit(address: str | None, entrypoint: str, working_dir: Path, study: str,
     runtime_env = {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES}
     if env_vars:
         runtime_env["env_vars"] = env_vars  # the job's driver and every worker it starts inherit them
-    try:
-        client = JobSubmissionClient(address)
-        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"study": study})
-    except (OSError, RuntimeError, ValueError) as exc:  # OSError: requests' connection errors too
-        print(f"error: cannot submit to the Ray job API at {address or '$RAY_ADDRESS'}: "
-              f"{' '.join(str(exc).split())[:500]}", file=sys.stderr)
-        raise SystemExit(1) from None
+    deadline = time.monotonic() + TRANSIENT_RETRY_S
+    while True:
+        try:
+            client = JobSubmissionClient(address)
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"study": study})
+        except (OSError, RuntimeError, ValueError) as exc:  # OSError: requests' connection errors too
+            if "try again later" in str(exc) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            print(f"error: cannot submit to the Ray job API at {address or '$RAY_ADDRESS'}: "
+                  f"{' '.join(str(exc).split())[:500]}", file=sys.stderr)
+            raise SystemExit(1) from None

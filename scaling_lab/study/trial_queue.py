@@ -33,6 +33,12 @@ class TrialQueue:
         """How many trials worker group `lane` may still run (the last one it took counted, if any)."""
         return len(self.pending.get(shape, ())) + (self.taken.get(tuple(lane)) is not None)
 
+    def untaken(self, shape: str) -> int:
+        return len(self.pending.get(shape, ()))
+
+    def last_taken(self, lane: tuple) -> dict | None:
+        return self.taken.get(tuple(lane))
+
 
 def start(name: str, trials_by_shape: dict[str, list[dict]]):
     """The queue as a named actor (no CPU of its own), which the worker groups look up by name. It lives on the
@@ -59,3 +65,17 @@ def left(group: dict) -> int:
     import ray
 
     return ray.get(ray.get_actor(group["queue"]).left.remote(group["shape"], group["lane"]))
+
+
+def pending(group: dict) -> int:
+    """How many trials of the group's shape no worker group has taken yet."""
+    import ray
+
+    return ray.get(ray.get_actor(group["queue"]).untaken.remote(group["shape"]))
+
+
+def last_taken(group: dict) -> dict | None:
+    """The trial the worker group took last, if any."""
+    import ray
+
+    return ray.get(ray.get_actor(group["queue"]).last_taken.remote(group["lane"]))
