@@ -114,7 +114,7 @@ def trial_worker(rank: int, port: int, group: dict, report: str) -> None:
     from scaling_lab import train, trial  # noqa: F401
 
     baseline = peak_rss_mb()
-    trial.run_group(group)
+    trial.train_worker_loop({**group, "cpus_per_worker": 1})
     Path(report, f"worker{rank}.json").write_text(json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb()}))
 
 
