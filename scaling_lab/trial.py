@@ -337,5 +337,5 @@ def return_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
     with contextlib.suppress(OSError, AttributeError, TypeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-        libc.mallopt(m_trim_threshold, 1 << 20)
+        libc.mallopt(m_mmap_threshold, 1 << 16)  # blocks of 64 KB and more get their own maps
+        libc.mallopt(m_trim_threshold, 0)  # and the heap's free top is returned at once
