@@ -23,5 +23,8 @@ class TrainOutcome:
     model_params: int = 0
     trainable_params: int = 0
     peak_memory_mb: float | None = None
+    setup_time_s: float | None = None  # loading the base model and preparing the data (a later trial of a
+    data_time_s: float | None = None  # group reuses both); of which preparing the data
+    model_commit: str | None = None  # the hub commit of the base model's weights, where the hub names one
     spectral_ratio_mean: float | None = None
     spectral_ratio_max: float | None = None

@@ -4,6 +4,8 @@ benchmarks/gpu_throughput.py)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,8 @@ def run(config: TrialConfig, cache_dir: Path, base_dir: Path, evaluate: bool = F
     """The trial's training losses; with `evaluate`, also the held-out passes the platform's loop makes (at step 0,
     every eval_every steps and at the end), for the same amount of work. `dtype` casts the whole model (bf16 on
     a GPU, as a researcher's own loop would)."""
-    base = models.load_base(config.model, cache_dir)
+    shared = models.load_base(config.model, cache_dir)
+    base = dataclasses.replace(shared, model=copy.deepcopy(shared.model))  # cast and moved below: a private copy
     task = data.load_task(config.data, config.training, kind="causal_lm", tokenizer=None,
                           vocab_size=base.vocab_size, base_dir=base_dir, cache_dir=cache_dir)
     torch.manual_seed(config.seed)

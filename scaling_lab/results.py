@@ -51,14 +51,18 @@ TRIAL_SCHEMA = pa.schema(
         ("use_rslora", pa.bool_()),
         # what was trained
         ("model_source", pa.string()),
+        ("model_revision", pa.string()),  # as the spec asked (null: the hub's default branch)
+        ("model_commit", pa.string()),  # the hub commit the weights came from
         ("model_params", pa.int64()),
         ("trainable_params", pa.int64()),
         ("task", pa.string()),
+        ("data_revision", pa.string()),
         ("target_modules", pa.string()),
         ("lora_init", pa.string()),
         ("optimizer", pa.string()),
         ("schedule", pa.string()),
         ("batch_size", pa.int32()),
+        ("micro_batch_size", pa.int32()),  # per worker and forward pass
         ("seq_len", pa.int32()),
         ("steps_planned", pa.int32()),
         # outcome
@@ -77,6 +81,8 @@ TRIAL_SCHEMA = pa.schema(
         ("tokens", pa.int64()),
         ("wall_time_s", pa.float64()),
         ("train_time_s", pa.float64()),
+        ("setup_time_s", pa.float64()),
+        ("data_time_s", pa.float64()),
         ("tokens_per_s", pa.float64()),
         ("peak_memory_mb", pa.float64()),
         ("attempts", pa.int32()),

@@ -56,14 +56,20 @@ class ModelSpec:
     num_labels: int = 2
     resources: Resources | None = None
     num_params: int | None = None  # for `plan`'s cost estimate when the config cannot be read offline
+    revision: str | None = None  # a hub model's branch, tag or commit; part of the trial id
 
     def check(self, path: str) -> None:
-        from scaling_lab.models import check_model_source
+        from scaling_lab.models import check_model_source, is_hub_source
 
         try:
             check_model_source(self.source)
         except ValueError as exc:
             raise SpecError(f"{path}.source: {exc}") from None
+        if self.revision is not None:
+            _require(is_hub_source(self.source), f"{path}.revision", "null unless the source is a hub id "
+                     "(tiny models and local directories have no revisions)", self.revision)
+            _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}", self.revision) is not None,
+                     f"{path}.revision", "a branch, tag or commit hash", self.revision)
         _require(self.num_labels >= 2, f"{path}.num_labels", "an integer >= 2", self.num_labels)
         if self.resources is not None:
             self.resources.check(f"{path}.resources")
@@ -149,8 +155,11 @@ class OptimizerSettings:
 class TrainingSettings:
     """The budget of one fine-tune: steps, or tokens (converted to steps by batch_size × seq_len)."""
 
-    batch_size: int = 32
+    batch_size: int = 32  # sequences per optimizer step, over all workers
     seq_len: int = 32
+    # Sequences per forward pass on one worker; the batch is then accumulated over batch_size / (micro_batch_size ×
+    # workers) passes. null: the whole batch at once (batch_size / workers per worker).
+    micro_batch_size: int | None = None
     steps: int | None = None
     tokens: int | None = None
     eval_every: int = 20
@@ -174,6 +183,18 @@ class TrainingSettings:
             _require(self.tokens >= 1, f"{path}.tokens", "an integer >= 1", self.tokens)
         for name in ("batch_size", "seq_len", "eval_every", "eval_batches"):
             _require(getattr(self, name) >= 1, f"{path}.{name}", "an integer >= 1", getattr(self, name))
+        if self.micro_batch_size is not None:
+            _require(self.micro_batch_size >= 1, f"{path}.micro_batch_size", "an integer >= 1 or null",
+                     self.micro_batch_size)
+
+    def check_split(self, path: str, workers: int, where: str) -> None:
+        """The batch splits evenly over `workers` workers, and their shares into micro-batches."""
+        _require(self.batch_size % workers == 0, f"{path}.batch_size",
+                 f"a multiple of the {workers} workers of {where}", self.batch_size)
+        if self.micro_batch_size is not None:
+            _require(self.batch_size % (self.micro_batch_size * workers) == 0, f"{path}.micro_batch_size",
+                     f"a divisor of batch_size / workers = {self.batch_size // workers} ({where})",
+                     self.micro_batch_size)
         _require(self.divergence_factor > 1, f"{path}.divergence_factor", "a number > 1", self.divergence_factor)
         _require(self.diagnostics_every >= 0, f"{path}.diagnostics_every", "an integer >= 0", self.diagnostics_every)
         _require(self.divergence_patience >= 1, f"{path}.divergence_patience", "an integer >= 1",
@@ -266,12 +287,37 @@ class DataSpec:
         _require(self.eval_examples >= 1, f"{path}.eval_examples", "an integer >= 1", self.eval_examples)
 
 
+# DeepSpeed config keys that the spec sets from its own fields: deepspeed.config may not set them.
+MODELLED_DEEPSPEED_KEYS = {
+    "train_batch_size": "training.batch_size",
+    "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+    "gradient_accumulation_steps": "training.micro_batch_size",
+    "gradient_clipping": "optimizer.grad_clip",
+    "bf16": "deepspeed.precision",
+    "fp16": "deepspeed.precision",
+    "optimizer": "optimizer",
+    "scheduler": "optimizer.schedule",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload",
+    "zero_optimization.offload_param": "deepspeed.offload",
+}
+
+
 @dataclass(frozen=True)
 class DeepSpeedSettings:
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     offload: bool = False
     gradient_checkpointing: bool = False
+    # Further DeepSpeed config (its own JSON keys), merged into the one built from the spec; part of the trial id.
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, path: str) -> None:
+        for key, field_name in MODELLED_DEEPSPEED_KEYS.items():
+            head, _, rest = key.partition(".")
+            inner = self.config.get(head)
+            present = head in self.config if not rest else isinstance(inner, dict) and rest in inner
+            _require(not present, f"{path}.config.{key}", f"it left out (the spec sets it from {field_name})", None)
 
 
 @dataclass(frozen=True)
@@ -367,6 +413,11 @@ class StudySpec:
         self.lora.check("lora")
         self.optimizer.check("optimizer")
         self.training.check("training")
+        for i, model in enumerate(self.models):
+            workers = (model.resources or self.execution.resources).workers
+            where = f"models[{i}].resources" if model.resources else "execution.resources"
+            self.training.check_split("training", workers, where)
+        self.deepspeed.check("deepspeed")
         self.data.check("data", base_dir)
         self.execution.check("execution")
         self.search.check("search", self.grid.alpha_values())
@@ -451,6 +502,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return {_convert(k, key_type, path): _convert(v, value_type, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path)
+    if tp is Any:
+        return _plain(value, path)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -461,6 +514,20 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp in (int, str, bool) and type(value) is tp:
         return value
     raise SpecError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _plain(value: Any, path: str) -> Any:
+    """`value` if it is plain JSON data (mappings with string keys, lists, scalars)."""
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise SpecError(f"{path}: expected string keys, got {key!r}")
+        return {k: _plain(v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise SpecError(f"{path}: expected plain data (a mapping, list, number, string, true/false or null), got {value!r}")
 
 
 def build(cls: type, data: Any, path: str = "") -> Any:

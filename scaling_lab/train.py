@@ -11,7 +11,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -115,17 +116,32 @@ def clips_outside_deepspeed(config: TrialConfig) -> bool:
     return config.deepspeed.zero_stage == 0 and config.deepspeed.precision == "fp32"
 
 
-def deepspeed_config(config: TrialConfig, world_size: int) -> dict:
+def micro_batch_size(config: TrialConfig, world_size: int) -> int:
+    """Sequences per forward pass on one worker."""
+    return config.training.micro_batch_size or config.training.batch_size // world_size
+
+
+def deepspeed_config(config: TrialConfig, world_size: int, model_params: int | None = None) -> dict:
+    """The trial's DeepSpeed config; with `model_params` (the base's size), ZeRO-3's buffers sized to the model."""
     batch, stage = config.training.batch_size, config.deepspeed.zero_stage
+    micro = micro_batch_size(config, world_size)
     zero: dict = {"stage": stage}
     if config.deepspeed.offload and stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu"}
     if config.deepspeed.offload and stage == 3:
         zero["offload_param"] = {"device": "cpu"}
+    if stage == 3 and model_params:
+        # DeepSpeed's defaults (1e9 live parameters, 5e8-element buckets) keep a model of a few billion parameters
+        # whole on every worker between its forward and backward pass, and add a 2 GB gradient bucket: at most an
+        # eighth of the model is gathered at once here (sized by the model, as transformers' "auto" values are).
+        # Prefetching is off: with fewer live parameters it left weights in flight (an assertion in DeepSpeed 0.19).
+        live, bucket = max(model_params // 8, 10**6), max(model_params // 16, 10**6)
+        zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live, stage3_prefetch_bucket_size=0,
+                    reduce_bucket_size=bucket)
     ds = {
         "train_batch_size": batch,
-        "train_micro_batch_size_per_gpu": batch // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": batch // (micro * world_size),
         "zero_optimization": zero,
         "bf16": {"enabled": config.deepspeed.precision == "bf16"},
         "fp16": {"enabled": config.deepspeed.precision == "fp16"},
@@ -138,7 +154,33 @@ def deepspeed_config(config: TrialConfig, world_size: int) -> dict:
         # Keep the trial's own torch optimizer, so that offloading does not change the update; it steps only
         # the small LoRA tensors, where DeepSpeed's CPU Adam would save little.
         ds["zero_force_ds_cpu_optimizer"] = False
-    return ds
+    return merged(ds, config.deepspeed.config)
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """`base` with `extra`'s keys added, mappings merged key by key (the spec has refused keys it sets itself)."""
+    result = dict(base)
+    for key, value in extra.items():
+        both_mappings = isinstance(value, dict) and isinstance(result.get(key), dict)
+        result[key] = merged(result[key], value) if both_mappings else value
+    return result
+
+
+def check_deepspeed_config(config: TrialConfig, world_size: int) -> None:
+    """DeepSpeed's own validation of the config a trial would use (with deepspeed.config merged in), before any
+    compute; raises ValueError naming deepspeed.config."""
+    if not config.deepspeed.config:
+        return
+    import_deepspeed()
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds_config = deepspeed_config(config, world_size)
+    ds_config["train_batch_size"] //= world_size  # checked here in a world of one process
+    try:
+        DeepSpeedConfig(ds_config)
+    except Exception as exc:  # DeepSpeed raises pydantic errors, AssertionError, ValueError, KeyError ...
+        reason = " ".join(str(exc).split())[:300]
+        raise ValueError(f"deepspeed.config: DeepSpeed rejects it: {type(exc).__name__}: {reason}") from None
 
 
 def evaluate(engine, split: data_lib.Split, config: TrialConfig, device) -> tuple[float, float]:
@@ -175,20 +217,51 @@ def _probe_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         model.train()
 
 
+@contextmanager
+def fresh_adapter(config: TrialConfig, base: models.BaseModel) -> Iterator:
+    """The trial's LoRA adapter on the process's shared base, taken off again at the end, so that the next trial
+    starts from the base as loaded; after a failure the base is dropped instead, and the next trial reloads it."""
+    model = lora_model(config, base)
+    try:
+        yield model
+    except BaseException:
+        models.forget()
+        raise
+    models.remove_adapter(base, model)
+
+
+def worker_micro_batches(batch: dict[str, torch.Tensor], rank: int, world_size: int,
+                         micro: int) -> list[dict[str, torch.Tensor]]:
+    """This worker's share of a global batch, in micro-batches of `micro` sequences."""
+    share = len(batch["input_ids"]) // world_size
+    return [{k: v[start : start + micro] for k, v in batch.items()}
+            for start in range(rank * share, (rank + 1) * share, micro)]
+
+
 def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
               checkpoints: checkpoint.TrialCheckpoints | None = None,
               should_stop: Callable[[int, float], bool] | None = None) -> TrainOutcome:
+    started_setup = time.perf_counter()
     deepspeed = import_deepspeed()
     ensure_process_group()
+    # DeepSpeed's own view of the process group: a ZeRO-3 base loads before the engine that would set it up.
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
     rank, world_size = world()
-    if config.training.batch_size % world_size:
-        raise ValueError(f"training.batch_size {config.training.batch_size} is not divisible by {world_size} workers")
+    micro = micro_batch_size(config, world_size)
+    if config.training.batch_size % (micro * world_size):
+        raise ValueError(f"training.batch_size {config.training.batch_size} does not split into micro-batches of "
+                         f"{micro} on {world_size} workers")
+    ds_config = deepspeed_config(config, world_size)
     device = torch.device(deepspeed.get_accelerator().device_name())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     # The base is loaded before seeding; the seed then fixes LoRA's initialization and the batch order.
-    base = models.load_base(config.model, cache_dir)
+    # Under ZeRO-3 it is loaded partitioned, as the engine's config says.
+    base = models.load_base(config.model, cache_dir, config.deepspeed.precision,
+                            ds_config if config.deepspeed.zero_stage == 3 else None)
+    ds_config = deepspeed_config(config, world_size, model_params=base.num_params)
+    started_data = time.perf_counter()
     task = data_lib.load_task(
         config.data,
         config.training,
@@ -198,93 +271,99 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
         base_dir=base_dir,
         cache_dir=cache_dir,
     )
+    data_time_s = time.perf_counter() - started_data
+    setup_time_s = time.perf_counter() - started_setup
     torch.manual_seed(config.seed)
-    model = lora_model(config, base)
-    if config.deepspeed.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer.name == "adamw":
-        optimizer = torch.optim.AdamW(
-            trainable, lr=config.learning_rate, betas=config.optimizer.betas, weight_decay=config.optimizer.weight_decay
+    with fresh_adapter(config, base) as model:
+        if config.deepspeed.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if config.optimizer.name == "adamw":
+            optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=config.optimizer.betas,
+                                          weight_decay=config.optimizer.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(trainable, lr=config.learning_rate, weight_decay=config.optimizer.weight_decay)
+        total_steps = config.training.total_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        if world_size == 1 and config.deepspeed.zero_stage == 0:
+            engine.enable_backward_allreduce = False  # an average over one worker: skip flattening and copying back
+
+        outcome = TrainOutcome(
+            status="ok",
+            model_params=base.num_params,
+            trainable_params=sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
+            model_commit=base.commit,
+            setup_time_s=setup_time_s,
+            data_time_s=data_time_s,
         )
-    else:
-        optimizer = torch.optim.SGD(trainable, lr=config.learning_rate, weight_decay=config.optimizer.weight_decay)
-    total_steps = config.training.total_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)
-    )
-    if world_size == 1 and config.deepspeed.zero_stage == 0:
-        engine.enable_backward_allreduce = False  # an average over one worker: skip flattening and copying back
+        clip_here = config.optimizer.grad_clip if clips_outside_deepspeed(config) else None
+        batches = data_lib.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
+        eval_loss, eval_accuracy = evaluate(engine, task.eval, config, device)
+        outcome.initial_eval_loss = eval_loss
+        outcome.curve.append({"step": 0, "tokens": 0, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy})
+        divergence_limit = config.training.divergence_factor * eval_loss
+        # Diagnostics need the full adapter tensors, which ZeRO-3 partitions across workers: there they are left out.
+        diagnostics_every = config.training.diagnostics_every if config.deepspeed.zero_stage < 3 else 0
+        adapters = diagnostics.adapters(engine.module)
+        probe_rows = torch.arange(min(len(task.eval), config.training.batch_size))
+        probe_batch = {k: v.to(device) for k, v in task.eval.batch(probe_rows).items()}
+        signal_drift = diagnostics.SignalDrift(lambda: _probe_loss(engine.module, probe_batch), trainable)
 
-    outcome = TrainOutcome(
-        status="ok",
-        model_params=base.num_params,
-        trainable_params=sum(p.numel() for p in trainable),
-    )
-    micro = config.training.batch_size // world_size
-    clip_here = config.optimizer.grad_clip if clips_outside_deepspeed(config) else None
-    batches = data_lib.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
-    eval_loss, eval_accuracy = evaluate(engine, task.eval, config, device)
-    outcome.initial_eval_loss = eval_loss
-    outcome.curve.append({"step": 0, "tokens": 0, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy})
-    divergence_limit = config.training.divergence_factor * eval_loss
-    # Diagnostics need the full adapter tensors, which ZeRO-3 partitions across workers: there they are left out.
-    diagnostics_every = config.training.diagnostics_every if config.deepspeed.zero_stage < 3 else 0
-    adapters = diagnostics.adapters(engine.module)
-    probe_rows = torch.arange(min(len(task.eval), config.training.batch_size))
-    probe_batch = {k: v.to(device) for k, v in task.eval.batch(probe_rows).items()}
-    signal_drift = diagnostics.SignalDrift(lambda: _probe_loss(engine.module, probe_batch), trainable)
-
-    start_step = checkpoint.restore_engine(checkpoints, engine, outcome, batches) if checkpoints else 0
-    started = time.perf_counter()
-    steps_over_limit = 0
-    for step in range(start_step + 1, total_steps + 1):
-        batch = {k: v[rank * micro : (rank + 1) * micro].to(device) for k, v in next(batches).items()}
-        learning_rate = scheduler.get_last_lr()[0]
-        diagnose = diagnostics_every > 0 and (step == 1 or step % diagnostics_every == 0)
-        if diagnose:
-            signal_drift.before()
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        if diagnose:
-            measured = diagnostics.norms(adapters, deepspeed.utils.safe_get_full_grad)
-        if clip_here:
-            torch.nn.utils.clip_grad_norm_(trainable, clip_here)
-        engine.step()
-        if diagnose:
-            measured.update(signal_drift.after())
-        (train_loss,) = _all_reduce_sum([loss.item() / world_size])
-        outcome.steps = step
-        outcome.tokens += config.training.batch_size * config.training.seq_len
-        outcome.final_train_loss = train_loss
-        point = {"step": step, "tokens": outcome.tokens, "learning_rate": learning_rate, "train_loss": train_loss}
-        if diagnose:
-            point.update(measured)
-        if step % config.training.eval_every == 0 or step == total_steps:
-            eval_loss, eval_accuracy = evaluate(engine, task.eval, config, device)
-            point.update(eval_loss=eval_loss, eval_accuracy=eval_accuracy)
-            outcome.final_eval_loss, outcome.final_eval_accuracy = eval_loss, eval_accuracy
-            if math.isfinite(eval_loss):
-                outcome.best_eval_loss = min(eval_loss, outcome.best_eval_loss or math.inf)
-                outcome.best_eval_accuracy = max(eval_accuracy, outcome.best_eval_accuracy or 0.0)
-        outcome.curve.append(point)
-        if math.isfinite(train_loss):
-            outcome.last_finite_train_loss = train_loss
-        steps_over_limit = steps_over_limit + 1 if train_loss > divergence_limit else 0
-        if not math.isfinite(train_loss) or steps_over_limit >= config.training.divergence_patience:
-            outcome.status = "diverged"
-            break
-        if should_stop is not None and "eval_loss" in point and should_stop(step, point["eval_loss"]):
-            outcome.status = "pruned"  # stopped early: scaling_lab/early_stop.py
-            break
-        if checkpoints and steps_over_limit == 0:  # a checkpoint resumes with no steps over the limit
-            checkpoint.save_engine(checkpoints, step, engine, outcome)
-    outcome.train_time_s += time.perf_counter() - started
-    if device.type == "cuda":
-        outcome.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
-    if diagnostics_every:
-        ratios = diagnostics.spectral_ratios(adapters)
-        outcome.spectral_ratio_mean, outcome.spectral_ratio_max = sum(ratios) / len(ratios), max(ratios)
-    engine.destroy()
+        start_step = checkpoint.restore_engine(checkpoints, engine, outcome, batches) if checkpoints else 0
+        started = time.perf_counter()
+        steps_over_limit = 0
+        for step in range(start_step + 1, total_steps + 1):
+            micro_batches = worker_micro_batches(next(batches), rank, world_size, micro)
+            learning_rate = scheduler.get_last_lr()[0]
+            diagnose = diagnostics_every > 0 and (step == 1 or step % diagnostics_every == 0)
+            if diagnose:
+                signal_drift.before()
+            micro_losses = []
+            for micro_batch in micro_batches:
+                loss = engine(**{k: v.to(device) for k, v in micro_batch.items()}).loss
+                engine.backward(loss)  # DeepSpeed divides by the accumulation steps, and averages over workers
+                micro_losses.append(loss.item())
+                if engine.is_gradient_accumulation_boundary():  # the last micro-batch: the gradients are whole
+                    if diagnose:
+                        measured = diagnostics.norms(adapters, deepspeed.utils.safe_get_full_grad)
+                    if clip_here:
+                        torch.nn.utils.clip_grad_norm_(trainable, clip_here)
+                engine.step()  # the optimizer steps at the boundary only
+            if diagnose:
+                measured.update(signal_drift.after())
+            (train_loss,) = _all_reduce_sum([sum(micro_losses) / (len(micro_losses) * world_size)])
+            outcome.steps = step
+            outcome.tokens += config.training.batch_size * config.training.seq_len
+            outcome.final_train_loss = train_loss
+            point = {"step": step, "tokens": outcome.tokens, "learning_rate": learning_rate, "train_loss": train_loss}
+            if diagnose:
+                point.update(measured)
+            if step % config.training.eval_every == 0 or step == total_steps:
+                eval_loss, eval_accuracy = evaluate(engine, task.eval, config, device)
+                point.update(eval_loss=eval_loss, eval_accuracy=eval_accuracy)
+                outcome.final_eval_loss, outcome.final_eval_accuracy = eval_loss, eval_accuracy
+                if math.isfinite(eval_loss):
+                    outcome.best_eval_loss = min(eval_loss, outcome.best_eval_loss or math.inf)
+                    outcome.best_eval_accuracy = max(eval_accuracy, outcome.best_eval_accuracy or 0.0)
+            outcome.curve.append(point)
+            if math.isfinite(train_loss):
+                outcome.last_finite_train_loss = train_loss
+            steps_over_limit = steps_over_limit + 1 if train_loss > divergence_limit else 0
+            if not math.isfinite(train_loss) or steps_over_limit >= config.training.divergence_patience:
+                outcome.status = "diverged"
+                break
+            if should_stop is not None and "eval_loss" in point and should_stop(step, point["eval_loss"]):
+                outcome.status = "pruned"  # stopped early: scaling_lab/early_stop.py
+                break
+            if checkpoints and steps_over_limit == 0:  # a checkpoint resumes with no steps over the limit
+                checkpoint.save_engine(checkpoints, step, engine, outcome)
+        outcome.train_time_s += time.perf_counter() - started
+        if device.type == "cuda":
+            outcome.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+        if diagnostics_every:
+            ratios = diagnostics.spectral_ratios(adapters)
+            outcome.spectral_ratio_mean, outcome.spectral_ratio_max = sum(ratios) / len(ratios), max(ratios)
+        engine.destroy()
     return outcome

@@ -13,6 +13,7 @@ import os
 import re
 import resource
 import socket
+import sys
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -78,9 +79,43 @@ def execute(config: TrialConfig, backend: str, cache_dir: Path, base_dir: Path, 
 
         return fine_tune(config, cache_dir, base_dir, checkpoints, should_stop)
     except Exception as exc:  # a failed trial is data, not a crash of the study
-        oom = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
         text = "".join(traceback.format_exception_only(exc)).strip() + "\n" + traceback.format_exc()
-        return TrainOutcome(status="oom" if oom else "error", error=scrub_secrets(text[-MAX_ERROR_CHARS:]))
+        if is_out_of_memory(exc):
+            text = memory_figures() + "\n" + text
+        return TrainOutcome(status="oom" if is_out_of_memory(exc) else "error",
+                            error=scrub_secrets(text[-MAX_ERROR_CHARS:]))
+
+
+# What allocators say when memory runs out: torch's CPU allocator, CUDA, and DeepSpeed's messages.
+OUT_OF_MEMORY_TEXT = re.compile(r"out of memory|can't allocate memory|not enough memory|Cannot allocate memory",
+                                re.IGNORECASE)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA out-of-memory, MemoryError, or an allocator's failure raised as another error."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and OUT_OF_MEMORY_TEXT.search(str(exc)) is not None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_figures() -> str:
+    """One line: this worker's peak memory, the node's memory, and the GPU's, as the failure left them."""
+    parts = [f"out of memory: worker peak RSS {peak_rss_mb():,.0f} MB"]
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        total, available = (int(meminfo[name].split()[0]) / 1024 for name in ("MemTotal", "MemAvailable"))
+        parts.append(f"node memory {total:,.0f} MB, {available:,.0f} MB available")
+    torch = sys.modules.get("torch")  # a simulated trial has no GPU to report, and need not import torch
+    if torch is not None and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        parts.append(f"GPU peak allocated {torch.cuda.max_memory_allocated() / 2**20:,.0f} MB of "
+                     f"{total / 2**20:,.0f} MB, {free / 2**20:,.0f} MB free")
+    return "; ".join(parts)
 
 
 def result_row(config: TrialConfig, outcome: TrainOutcome, *, study: str, attempt: int, num_workers: int,
@@ -99,14 +134,18 @@ def result_row(config: TrialConfig, outcome: TrainOutcome, *, study: str, attemp
         "peft_lora_alpha": config.peft_lora_alpha,
         "use_rslora": config.use_rslora,
         "model_source": config.model.source,
+        "model_revision": config.model.revision,
+        "model_commit": outcome.model_commit,
         "model_params": outcome.model_params or None,
         "trainable_params": outcome.trainable_params or None,
         "task": config.data.source,
+        "data_revision": config.data.revision,
         "target_modules": json.dumps(config.lora.target_modules),
         "lora_init": config.lora.init,
         "optimizer": config.optimizer.name,
         "schedule": config.optimizer.schedule,
         "batch_size": config.training.batch_size,
+        "micro_batch_size": config.training.micro_batch_size or config.training.batch_size // num_workers,
         "seq_len": config.training.seq_len,
         "steps_planned": config.training.total_steps,
         "status": outcome.status,
@@ -124,8 +163,10 @@ def result_row(config: TrialConfig, outcome: TrainOutcome, *, study: str, attemp
         "tokens": outcome.tokens,
         "wall_time_s": (finished_at - started_at).total_seconds(),
         "train_time_s": outcome.train_time_s,
+        "setup_time_s": outcome.setup_time_s,
+        "data_time_s": outcome.data_time_s,
         "tokens_per_s": outcome.tokens / outcome.train_time_s if outcome.train_time_s > 0 else None,
-        "peak_memory_mb": outcome.peak_memory_mb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_memory_mb": outcome.peak_memory_mb or peak_rss_mb(),
         "attempts": attempt,
         "zero_stage": config.deepspeed.zero_stage,
         "precision": config.deepspeed.precision,
@@ -281,4 +322,20 @@ def train_worker_loop(group: dict) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(group["cpus_per_worker"])))
+    return_freed_memory()
     run_group(group)
+
+
+def return_freed_memory() -> None:
+    """Have glibc's malloc give large freed blocks back to the system. By default it raises its threshold for
+    serving blocks from their own memory maps to the largest block freed (up to 32 MB), after which ZeRO-3's
+    gathered weights, freed one after another, pile up in the heap: at 271 M parameters that doubled a worker's
+    peak RSS (benchmarks/memory.py)."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(m_mmap_threshold, 1 << 16)  # blocks of 64 KB and more get their own maps
+        libc.mallopt(m_trim_threshold, 0)  # and the heap's free top is returned at once

@@ -59,3 +59,27 @@ def test_settings_left_at_their_defaults_do_not_enter_the_id():
     explicit = expand(spec_lib.parse(spec_lib.apply_overrides(SPEC, ["lora.dropout=0.0", "models.0.num_params=5"])))[0]
     assert explicit.trial_id == base.trial_id
     assert "dropout" not in base.identity().get("lora", {})
+
+
+def test_published_default_study_keeps_its_trial_ids():
+    from pathlib import Path
+
+    from scaling_lab import results
+
+    root = Path(__file__).resolve().parents[1]
+    published = results.completed_ids(root / "analysis/default/results")
+    expected = {t.trial_id for t in expand(spec_lib.load(root / "studies/default.yaml"))}
+    assert published and published <= expected
+
+
+def test_a_new_hub_revision_micro_batch_or_deepspeed_key_gives_new_ids():
+    hub = spec_lib.apply_overrides(SPEC, ["models.0.source=org/model"])
+    base = expand(spec_lib.parse(hub))[0]
+    for change in ["models.0.revision=v2", "models.0.revision=0123abcd", "training={steps: 80, micro_batch_size: 4}",
+                   "deepspeed.config={zero_optimization: {reduce_bucket_size: 1000}}"]:
+        changed = expand(spec_lib.parse(spec_lib.apply_overrides(hub, [change])))[0]
+        assert changed.trial_id != base.trial_id, change
+        assert TrialConfig.from_dict(changed.to_dict()).trial_id == changed.trial_id
+    other = expand(spec_lib.parse(spec_lib.apply_overrides(hub, ["models.0.revision=v3"])))[0]
+    pinned = expand(spec_lib.parse(spec_lib.apply_overrides(hub, ["models.0.revision=v2"])))[0]
+    assert other.trial_id != pinned.trial_id

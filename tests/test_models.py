@@ -133,14 +133,87 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "models").iterdir()] == [models.tiny_model_dir("xs", tmp_path).name + ".lock"]
 
 
-def test_load_base_returns_independent_copies(tiny_cache):
-    first = models.load_base(tiny("xs"), tiny_cache)
-    second = models.load_base(tiny("xs"), tiny_cache)
-    weight = first.model.get_input_embeddings().weight
-    before = second.model.get_input_embeddings().weight.clone()
+def test_the_base_is_shared_and_taking_the_adapter_off_leaves_it_as_loaded(tiny_cache, monkeypatch):
+    from scaling_lab import spec as spec_lib
+    from scaling_lab.grid import expand
+    from scaling_lab.train import lora_model
+
+    monkeypatch.setattr(models, "_memo", {})
+    base = models.load_base(tiny("xs"), tiny_cache)
+    assert models.load_base(tiny("xs"), tiny_cache) is base  # no copy per trial
+    (config,) = expand(spec_lib.parse({"name": "t", "models": [{"name": "xs", "source": "tiny:xs"}],
+                                       "grid": {"ranks": [4], "alphas": [8]}}))
+    adapted = lora_model(config, base)
+    adapted.train()
     with torch.no_grad():
-        weight.add_(1.0)
-    assert torch.equal(second.model.get_input_embeddings().weight, before)
+        for name, param in adapted.named_parameters():
+            if "lora_" in name:
+                param.add_(1.0)
+    models.remove_adapter(base, adapted)
+
+    models.forget()
+    fresh = models.load_base(tiny("xs"), tiny_cache)
+    assert fresh is not base
+    assert [type(m) for m in base.model.modules()] == [type(m) for m in fresh.model.modules()]
+    assert base.model.state_dict().keys() == fresh.model.state_dict().keys()
+    assert all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in base.model.state_dict().items())
+    assert not base.model.training and not hasattr(base.model, "peft_config")
+
+
+def test_the_base_loads_in_the_training_precision(tiny_cache, monkeypatch):
+    monkeypatch.setattr(models, "_memo", {})
+    base = models.load_base(tiny("xs"), tiny_cache, precision="bf16")
+    assert {p.dtype for p in base.model.parameters()} == {torch.bfloat16}
+    assert models.load_base(tiny("xs"), tiny_cache) is not base  # another precision: another base
+
+
+def _load_partitioned_on_two_workers(rank: int, directory: str, port: int, report: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    import deepspeed
+
+    zero3 = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    base = models.load_base(ModelSpec(name="m", source=directory), Path(directory) / "cache", "fp32", zero3)
+    shares = {name: (p.ds_tensor.numel(), p.ds_numel) for name, p in base.model.named_parameters()}
+    saved = models.SafetensorsReader([Path(directory) / "model.safetensors"])
+    equal = {}
+    for name, param in base.model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            equal[name] = torch.equal(param.data, saved.read(name))
+    Path(report, f"{rank}.json").write_text(json.dumps({"shares": shares, "equal": equal,
+                                                         "num_params": base.num_params}))
+    dist.destroy_process_group()
+
+
+def test_zero3_partitions_every_weight_as_it_loads(tmp_path):
+    """Under ZeRO-3 each of 2 workers holds half of every weight from the start; gathered, they are the file's."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    saved = LlamaForCausalLM(config)
+    saved.save_pretrained(tmp_path / "llama")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_load_partitioned_on_two_workers, args=(str(tmp_path / "llama"), port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert report["num_params"] == sum(p.numel() for p in saved.parameters())
+        assert set(report["shares"]) == {name for name, _ in saved.named_parameters()}
+        for name, (share, whole) in report["shares"].items():
+            assert share == -(-whole // 2), name  # each worker holds its half of the weight, padded
+        assert all(report["equal"].values())
 
 
 def test_tiny_models_are_causal_only(tiny_cache):

@@ -77,3 +77,49 @@ def test_two_workers_follow_the_one_worker_loss_curve_under_zero_0_2_and_3(tmp_p
             expected, got = alone[column].to_numpy(), shared[column].to_numpy()
             assert np.array_equal(np.isnan(expected), np.isnan(got)), column
             np.testing.assert_allclose(got, expected, rtol=RTOL, equal_nan=True, err_msg=f"{trial.deepspeed} {column}")
+
+
+def zero3_trials(alphas, micro_batch_size=None) -> list:
+    return expand(spec_lib.parse({
+        "name": "multiworker",
+        "models": [{"name": "xs", "source": "tiny:xs"}],
+        "grid": {"ranks": [4], "alphas": alphas, "learning_rates": [1e-3], "seeds": [0]},
+        "training": {"steps": 6, "batch_size": 8, "eval_every": 3, "eval_batches": 1,
+                     "micro_batch_size": micro_batch_size},
+        "optimizer": {"grad_clip": 0.01},
+        "deepspeed": {"zero_stage": 3},
+        "execution": {"resources": {"workers": 2}},
+    }))
+
+
+def run_group_of(trial_list, run_id: str, results_dir, cache_dir) -> None:
+    group = {
+        "trials": [t.to_dict() for t in trial_list], "resources": {"workers": 2, "cpus_per_worker": 1},
+        "run_id": run_id, "results_dir": str(results_dir), "cache_dir": str(cache_dir), "base_dir": str(ROOT),
+        "backend": "ray_train", "study": "multiworker", "git_commit": None, "cpus_per_worker": 1, "max_retries": 0,
+    }
+    run_group_trainable({"group": group})
+
+
+def test_zero3_later_trials_of_a_group_match_a_fresh_worker_group_and_micro_batches_match(tmp_path, tiny_cache):
+    """Under ZeRO-3 the partitioned base is loaded once per worker group: its 2nd and 3rd trials compute what
+    they compute in a worker group of their own; accumulating micro-batches of 2 follows the same curve."""
+    import ray
+
+    first, second = zero3_trials([16, 64])
+    (accumulated,) = zero3_trials([64], micro_batch_size=2)
+    with simulated_cluster({"num_cpus": 2}) as (cluster, _):
+        ray.init(address=cluster.address)
+        try:
+            run_group_of([first, second, accumulated], "packed", tmp_path / "packed", tiny_cache)
+            run_group_of([second], "alone", tmp_path / "alone", tiny_cache)
+        finally:
+            ray.shutdown()
+    packed, alone = results.load(tmp_path / "packed"), results.load(tmp_path / "alone")
+    assert (packed["status"] == "ok").all() and (alone["status"] == "ok").all(), packed["error"].dropna().tolist()
+    assert set(packed.loc[packed["trial_id"] == accumulated.trial_id, "micro_batch_size"]) == {2}
+    expected = results.load_curves(tmp_path / "alone", [second.trial_id])
+    assert results.load_curves(tmp_path / "packed", [second.trial_id]).equals(expected)
+    got = results.load_curves(tmp_path / "packed", [accumulated.trial_id])
+    for column in ("train_loss", "eval_loss"):
+        np.testing.assert_allclose(got[column].to_numpy(), expected[column].to_numpy(), rtol=RTOL, equal_nan=True)

@@ -1,6 +1,7 @@
 """Tier 3: tiny real models through PEFT + DeepSpeed on CPU, alone and through Ray Train."""
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -29,7 +30,18 @@ def group_of(trials, results_dir: Path, cache_dir: Path) -> dict:
     }
 
 
-def test_a_trial_gives_identical_results_packed_or_alone(tmp_path, tiny_cache):
+def run_alone_in_a_fresh_process(trial, results_dir: Path, cache_dir: Path) -> None:
+    code = ("import json, sys; from scaling_lab.trial import run_group; "
+            "run_group(json.loads(sys.argv[1]))")
+    group = json.dumps(group_of([trial], results_dir, cache_dir))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, group], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_later_trials_of_a_group_compute_what_they_compute_in_a_fresh_process(tmp_path, tiny_cache):
+    """The trials of a group share one loaded base, each adding and removing its adapter: the 2nd and 3rd trial
+    must not see what the trials before them did."""
     spec = spec_lib.parse(
         {
             "name": "packing",
@@ -40,15 +52,57 @@ def test_a_trial_gives_identical_results_packed_or_alone(tmp_path, tiny_cache):
     )
     trials = expand(spec)
     run_group(group_of(trials, tmp_path / "packed", tiny_cache))
-    run_group(group_of(trials[1:2], tmp_path / "alone", tiny_cache))
-    trial_id = trials[1].trial_id
-    packed = results.load_curves(tmp_path / "packed", [trial_id])
-    alone = results.load_curves(tmp_path / "alone", [trial_id])
-    assert len(alone) == 7 and packed.equals(alone)
-    measured = ["final_eval_loss", "final_eval_accuracy", "final_train_loss", "trainable_params"]
-    packed_row = results.load(tmp_path / "packed").set_index("trial_id").loc[trial_id, measured]
-    alone_row = results.load(tmp_path / "alone").set_index("trial_id").loc[trial_id, measured]
-    assert packed_row.equals(alone_row)
+    for trial in trials[1:]:
+        run_alone_in_a_fresh_process(trial, tmp_path / "alone", tiny_cache)
+        packed = results.load_curves(tmp_path / "packed", [trial.trial_id])
+        alone = results.load_curves(tmp_path / "alone", [trial.trial_id])
+        assert len(alone) == 7 and packed.equals(alone)
+        measured = ["final_eval_loss", "final_eval_accuracy", "final_train_loss", "trainable_params"]
+        packed_row = results.load(tmp_path / "packed").set_index("trial_id").loc[trial.trial_id, measured]
+        alone_row = results.load(tmp_path / "alone").set_index("trial_id").loc[trial.trial_id, measured]
+        assert packed_row.equals(alone_row)
+    later = results.load(tmp_path / "packed").set_index("trial_id").loc[[t.trial_id for t in trials], "setup_time_s"]
+    assert later.notna().all()
+
+
+def test_micro_batches_accumulate_to_the_unaccumulated_curve(tiny_cache):
+    from scaling_lab.train import fine_tune
+
+    def curve(micro_batch_size):
+        spec = spec_lib.parse({
+            "name": "accumulate", "models": [{"name": "xs", "source": "tiny:xs"}],
+            "grid": {"ranks": [4], "alphas": [4096], "seeds": [0]},  # the clipping cap binds at this α
+            "training": {"steps": 6, "batch_size": 8, "micro_batch_size": micro_batch_size, "eval_every": 3,
+                         "eval_batches": 1, "diagnostics_every": 3},
+        })
+        (config,) = expand(spec)
+        return fine_tune(config, tiny_cache, ROOT).curve
+
+    whole, accumulated = curve(None), curve(2)
+    assert len(whole) == len(accumulated) == 7
+    for column in ("train_loss", "eval_loss", "grad_a_norm", "grad_b_norm", "update_norm"):
+        expected = [p[column] for p in whole if column in p]
+        assert len(expected) >= 2, column
+        assert [p[column] for p in accumulated if column in p] == pytest.approx(expected, rel=1e-5), column
+
+
+def test_a_bf16_trial_loads_its_base_in_bf16(tiny_cache):
+    import torch
+
+    from scaling_lab import models
+    from scaling_lab.train import fine_tune
+
+    spec = spec_lib.parse({
+        "name": "bf16", "models": [{"name": "xs", "source": "tiny:xs"}],
+        "grid": {"ranks": [4], "alphas": [64], "learning_rates": [1e-3], "seeds": [0]},
+        "training": {"steps": 3, "batch_size": 8, "eval_every": 3, "eval_batches": 1},
+        "deepspeed": {"precision": "bf16"},
+    })
+    (config,) = expand(spec)
+    outcome = fine_tune(config, tiny_cache, ROOT)
+    assert outcome.status == "ok" and outcome.final_eval_loss < outcome.initial_eval_loss
+    (base,) = models._memo.values()  # the process's shared base, as the trial left it
+    assert {p.dtype for p in base.model.parameters()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize(("zero_stage", "grad_clip"), [(0, None), (0, 1.0), (0, 0.01), (2, 0.01)])

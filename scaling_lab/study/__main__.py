@@ -12,6 +12,7 @@ from scaling_lab import claims, results, spec as spec_lib
 from scaling_lab.study import plan as plan_lib
 from scaling_lab.study import progress
 from scaling_lab.study.adaptive import search_note, study_trial_ids
+from scaling_lab.study.memory_advice import advice_text
 from scaling_lab.study.submit import cmd_submit
 
 DEFAULT_SPEC = "studies/default.yaml"
@@ -27,7 +28,24 @@ def _load(args) -> spec_lib.StudySpec:
     from scaling_lab.data import validate_data_source
 
     validate_data_source(spec.data, Path.cwd())
+    check_deepspeed_config(spec)
     return spec
+
+
+def check_deepspeed_config(spec: spec_lib.StudySpec) -> None:
+    """DeepSpeed validates the config of every shape of trial before anything runs (only where deepspeed.config
+    adds keys of its own: this imports DeepSpeed)."""
+    if not spec.deepspeed.config:
+        return
+    from scaling_lab.grid import expand
+    from scaling_lab.train import check_deepspeed_config as check
+
+    shapes = {trial.resources.workers: trial for trial in expand(spec)}
+    for workers, trial in shapes.items():
+        try:
+            check(trial, workers)
+        except ValueError as exc:
+            raise spec_lib.SpecError(str(exc)) from None
 
 
 def cmd_plan(args) -> None:
@@ -109,6 +127,9 @@ def cmd_status(args) -> None:
         reason = (row["error"] or "").strip().splitlines()
         print(f"  {row['status']} {row['trial_id']} model={row['model']} r={row['rank']} α={row['alpha']:.4g}: "
               f"{reason[0] if reason else ''}")
+    out_of_memory = progress.failures(results_dir).query("status == 'oom'")
+    if not out_of_memory.empty:
+        print(advice_text(spec, set(out_of_memory["model"])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--address", default=None,
                         help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     submit.add_argument("--working-dir", default=".", help="the directory uploaded to the cluster (default: .)")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME",
+                        help="pass this environment variable (e.g. HF_TOKEN) to the job and its workers, with its "
+                             "value here; the value is written nowhere (repeatable)")
     submit.set_defaults(func=cmd_submit)
     verify = commands.add_parser("verify", help="check the study's law out of sample: hold out its largest rank, "
                                                 "or run a bracket of α around the prediction at --rank")
