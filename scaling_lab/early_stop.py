@@ -8,13 +8,14 @@ A running trial is pruned at an eval step when both hold:
   being pruned), one lying between this trial's α and some further α has a worse seed-mean final metric than it.
 
 Why the second condition, and what it proves. The analysis takes the best α of the seed-mean metric and refines it
-by the parabola through it and its two neighbours, so a pruned trial (worse than any finite point, like a
-diverged one) would move the optimum if it were the best α or either neighbour. If the seed-mean final metric
-is unimodal in α (it falls, then rises), a point m with F(m) > F(j) for some j further out puts the best α
-strictly beyond m; then m lies between the pruned α and the best α, so the pruned α is neither the best nor a
-neighbour however many α values are added later, and the optimum is the same with or without pruning. The first
-condition only decides when pruning is worth it, and keeps trials that look good despite the argument (a sign
-that the metric is not unimodal).
+by a bowl fitted to it and up to POINTS_PER_SIDE (two) finished neighbours on each side (scaling_lab/analysis/
+bowl.py), so a pruned trial (worse than any finite point, like a diverged one) would move the optimum if it were
+the best α or within that reach of it. If the seed-mean final metric is unimodal in α (it falls, then rises), a
+point m with F(m) > F(j) for some j further out puts the best α strictly beyond m; then m, and every finished point
+between the pruned α and m, lie between the pruned α and the best α. With POINTS_PER_SIDE such points the pruned
+α is outside the fit's reach however many α values are added later, and the optimum is the same with or without
+pruning. The first condition only decides when pruning is worth it, and keeps trials that look good despite the
+argument (a sign that the metric is not unimodal).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from scaling_lab.analysis.bowl import POINTS_PER_SIDE
 
 
 @dataclass(frozen=True)
@@ -58,17 +61,18 @@ def should_prune(
         return False
     if not eval_loss > best_loss_at_step + settings.margin * abs(best_loss_at_step):
         return False
-    return optimum_two_away(alpha, finished)
+    return optimum_out_of_reach(alpha, finished)
 
 
-def optimum_two_away(alpha: float, finished: Mapping[float, float]) -> bool:
-    """Whether, if the metric is unimodal in α, a finished α lies between `alpha` and the cell's best α: on one
-    side of `alpha`, some point is worse than a point further out."""
+def optimum_out_of_reach(alpha: float, finished: Mapping[float, float]) -> bool:
+    """Whether, if the metric is unimodal in α, POINTS_PER_SIDE finished α lie between `alpha` and the cell's best
+    α: on one side of `alpha`, a point worse than a point further out, with the finished points nearer `alpha`
+    making POINTS_PER_SIDE in all."""
     for side in (1, -1):
         outward = [finished[a] for a in sorted(finished, key=lambda a: a * side) if (a - alpha) * side > 0]
         best_further_out = math.inf
-        for value in reversed(outward):
-            if value > best_further_out:
+        for index in range(len(outward) - 1, -1, -1):
+            if outward[index] > best_further_out and index + 1 >= POINTS_PER_SIDE:
                 return True
-            best_further_out = min(best_further_out, value)
+            best_further_out = min(best_further_out, outward[index])
     return False

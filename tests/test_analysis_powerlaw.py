@@ -151,27 +151,34 @@ def test_learning_rate_axis_gets_its_own_laws():
 )
 def test_learning_rate_law_at_the_rule_and_alpha_as_run(rule, alpha, exponent):
     """lr*(r) = 1e-3 · r^exponent planted at one α under each scaling rule, ranks 2-64, 11 learning rates, 2 seeds:
-    recovered with no flag whatever convention the α laws are stated in."""
-    frame = planted_trials(
-        power_law(C, K),
-        ranks=(2, 4, 8, 16, 32, 64),
-        alphas=(alpha,),
-        seeds=2,
-        noise=0.002,
-        learning_rates=tuple(np.geomspace(1e-5, 1e-1, 11)),
-        optimal_learning_rate=lambda rank, size: 1e-3 * rank**exponent,
-        scaling_rule=rule,
-        rng=np.random.default_rng(7),
-    )
-    for convention in ("standard", "scale"):
-        fit = fit_study(from_frame(frame), FitSettings(n_bootstrap=100, convention=convention))
-        (tested,) = fit.learning_rate_laws
-        law = tested.law
-        assert isinstance(law, PowerLaw) and dict(law.group) == {"scaling_rule": rule, "alpha": alpha}
-        assert law.k_ci[0] <= exponent <= law.k_ci[1] and abs(law.k - exponent) < 0.03
-        assert math.isclose(law.c, 1e-3, rel_tol=0.1)
-        assert mu_a_exponent(law) == exponent
-        assert any(t.name == "μA prediction" and t.exponent == exponent for t in tested.tests) or exponent == 0.0
+    recovered with no flag whatever convention the α laws are stated in. Five planted draws: each law within 0.03
+    of the truth, and its 95% interval holding the truth in at least four of them."""
+    inside = 0
+    for draw in range(5):
+        frame = planted_trials(
+            power_law(C, K),
+            ranks=(2, 4, 8, 16, 32, 64),
+            alphas=(alpha,),
+            seeds=2,
+            noise=0.002,
+            learning_rates=tuple(np.geomspace(1e-5, 1e-1, 11)),
+            optimal_learning_rate=lambda rank, size: 1e-3 * rank**exponent,
+            scaling_rule=rule,
+            rng=np.random.default_rng(7 + draw),
+        )
+        laws = []
+        for convention in ("standard", "scale"):
+            fit = fit_study(from_frame(frame), FitSettings(n_bootstrap=100, convention=convention))
+            (tested,) = fit.learning_rate_laws
+            law = tested.law
+            assert isinstance(law, PowerLaw) and dict(law.group) == {"scaling_rule": rule, "alpha": alpha}
+            assert abs(law.k - exponent) < 0.03 and math.isclose(law.c, 1e-3, rel_tol=0.1)
+            assert mu_a_exponent(law) == exponent
+            assert any(t.name == "μA prediction" and t.exponent == exponent for t in tested.tests) or exponent == 0.0
+            laws.append(law)
+        assert laws[0].k == pytest.approx(laws[1].k, rel=1e-9, abs=1e-12)  # the same law in either convention
+        inside += laws[0].k_ci[0] <= exponent <= laws[0].k_ci[1]
+    assert inside >= 4
 
 
 ASYMMETRIC_BOWLS = {

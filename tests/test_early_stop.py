@@ -8,42 +8,45 @@ import pytest
 
 from scaling_lab import results, spec as spec_lib
 from scaling_lab.analysis import fit_study, load_results
-from scaling_lab.early_stop import EarlyStopSettings, optimum_two_away, should_prune
+from scaling_lab.early_stop import EarlyStopSettings, optimum_out_of_reach, should_prune
 from scaling_lab.grid import expand
 from scaling_lab.trial import run_group
 
 ON = EarlyStopSettings(enabled=True, margin=0.05, min_step=10)
 # α → seed-mean final loss: falls to α = 16, rises after it
-FINISHED = {1.0: 1.4, 4.0: 1.1, 16.0: 1.0, 64.0: 1.1}
+FINISHED = {1.0: 1.4, 4.0: 1.1, 16.0: 1.0, 64.0: 1.1, 256.0: 1.3}
 
 
 @pytest.mark.parametrize(
     "alpha, expected",
     [
-        (256.0, True),  # 64 is worse than 16 further in: the optimum is beyond 64, two points from 256
-        (128.0, True),
+        (1024.0, True),  # 256 and 64 are worse than 16 further in: the optimum is beyond both, out of the fit's reach
+        (512.0, True),
+        (128.0, False),  # only 64 lies between it and the optimum: within the bowl fit's two points
         (64.0, False),  # itself measured, no point between it and the optimum
         (32.0, False),  # could be the optimum's neighbour
         (8.0, False),
-        (0.5, True),  # 1 is worse than 4 further in
+        (0.5, True),  # 1 and 4 lie between it and the optimum (1 is worse than 4 further in)
+        (2.0, False),
     ],
 )
-def test_optimum_two_away_needs_a_worse_point_between(alpha, expected):
-    assert optimum_two_away(alpha, FINISHED) is expected
+def test_optimum_out_of_reach_needs_a_worse_point_between(alpha, expected):
+    assert optimum_out_of_reach(alpha, FINISHED) is expected
 
 
-def test_optimum_two_away_counts_diverged_as_worst_and_needs_a_strict_drop():
-    assert optimum_two_away(1024.0, {16.0: 1.0, 256.0: math.inf})
-    assert not optimum_two_away(1024.0, {16.0: math.inf, 256.0: math.inf})
-    assert not optimum_two_away(1024.0, {16.0: 1.0, 256.0: 1.0})
-    assert not optimum_two_away(1024.0, {})
+def test_optimum_out_of_reach_counts_diverged_as_worst_and_needs_a_strict_drop():
+    assert optimum_out_of_reach(1024.0, {16.0: 1.0, 64.0: 1.2, 256.0: math.inf})
+    assert not optimum_out_of_reach(1024.0, {16.0: 1.0, 256.0: math.inf})  # one point between: within reach
+    assert not optimum_out_of_reach(1024.0, {16.0: math.inf, 64.0: math.inf, 256.0: math.inf})
+    assert not optimum_out_of_reach(1024.0, {16.0: 1.0, 64.0: 1.0, 256.0: 1.0})
+    assert not optimum_out_of_reach(1024.0, {})
 
 
 def test_should_prune_needs_the_step_the_margin_and_the_optimum_elsewhere():
-    assert should_prune(256.0, 10, 1.2, 1.1, FINISHED, ON)
-    assert not should_prune(256.0, 9, 1.2, 1.1, FINISHED, ON)  # before min_step
-    assert not should_prune(256.0, 10, 1.15, 1.1, FINISHED, ON)  # within the margin
-    assert not should_prune(256.0, 10, 1.2, None, FINISHED, ON)  # nothing to compare with at this step
+    assert should_prune(1024.0, 10, 1.2, 1.1, FINISHED, ON)
+    assert not should_prune(1024.0, 9, 1.2, 1.1, FINISHED, ON)  # before min_step
+    assert not should_prune(1024.0, 10, 1.15, 1.1, FINISHED, ON)  # within the margin
+    assert not should_prune(1024.0, 10, 1.2, None, FINISHED, ON)  # nothing to compare with at this step
     assert not should_prune(32.0, 10, 5.0, 1.1, FINISHED, ON)  # far behind, yet maybe the optimum's neighbour
 
 
@@ -83,7 +86,7 @@ def test_simulated_study_prunes_trials_without_moving_any_optimum(tmp_path):
     full, pruned_run = results.load(without), results.load(with_)
     assert set(full["trial_id"]) == set(pruned_run["trial_id"]), "early stopping does not change trial ids"
     pruned = pruned_run[pruned_run["status"] == "pruned"]
-    assert sorted(pruned["alpha"]) == [256, 256, 1024, 1024, 4096, 4096]  # past the best α (16) and its neighbour
+    assert sorted(pruned["alpha"]) == [1024, 1024, 4096, 4096]  # past the best α (16) and two points beyond
     assert (pruned["steps"] < 40).all() and pruned["final_eval_loss"].notna().all(), "rows keep their last metrics"
     assert pruned_run["steps"].sum() < full["steps"].sum()
 
