@@ -5,20 +5,17 @@ torch, transformers and peft are imported inside functions: spec validation impo
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from scaling_lab.build_once import build_once
 from scaling_lab.spec import TINY_PREFIX
 
 if TYPE_CHECKING:
@@ -387,29 +384,16 @@ def tiny_model_dir(size: str, cache_dir: Path) -> Path:
 
 
 def ensure_tiny_model(size: str, cache_dir: Path) -> Path:
-    """The directory of the pretrained tiny model, pretraining it first if no process has yet.
+    """The directory of the pretrained tiny model, pretraining it first if no process has yet (once, whichever
+    process on whichever node sharing the cache gets there first)."""
 
-    Concurrent callers (trials on one node, or nodes sharing the cache) wait on a file lock and build it once;
-    the model is written to a temporary directory and renamed, so a directory that exists is complete.
-    """
-    directory = tiny_model_dir(size, cache_dir)
-    if directory.is_dir():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(directory.parent / f"{directory.name}.lock"):
-        if directory.is_dir():
-            return directory
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            started = time.perf_counter()
-            _save(pretrain_tiny(size), staging)
-            record = {"size": size, "pretraining": TINY_PRETRAINING, "seconds": time.perf_counter() - started}
-            (staging / "pretraining.json").write_text(json.dumps(record, indent=2))
-            os.rename(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return directory
+    def pretrain(staging: Path) -> None:
+        started = time.perf_counter()
+        _save(pretrain_tiny(size), staging)
+        record = {"size": size, "pretraining": TINY_PRETRAINING, "seconds": time.perf_counter() - started}
+        (staging / "pretraining.json").write_text(json.dumps(record, indent=2))
+
+    return build_once(tiny_model_dir(size, cache_dir), pretrain)
 
 
 def _save(model: PreTrainedModel, directory: Path) -> None:
@@ -422,16 +406,6 @@ def _save(model: PreTrainedModel, directory: Path) -> None:
     save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
     if not (directory / "config.json").is_file():
         raise RuntimeError(f"{directory}: the model's config was not written")
-
-
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def pretrain_tiny(size: str) -> PreTrainedModel:

@@ -78,7 +78,7 @@ def test_published_results_give_one_mlflow_run_per_row(published_export):
     runs = mlflow_runs(uri, "default", "trial")
     assert len(runs) == len(frame) == 168
     assert {r.data.tags["scaling_lab.trial_id"] for r in runs} == set(frame["trial_id"])
-    assert f"mlflow: 168 trials of 'default': 168 logged" in first
+    assert "mlflow: 168 trials of 'default': 168 logged" in first
     assert "0 logged, 0 replaced (run again since), 168 already there" in second
     assert not mlflow_runs(uri, "default", "trial", deleted=True)
 
