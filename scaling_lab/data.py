@@ -307,7 +307,12 @@ def _prepared_dir(request: _Request, cache_dir: Path) -> Path:
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        # without the truncation and padding that the last call left set on it (the tokenizer is shared by trials)
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        vocabulary = json.dumps(state, sort_keys=True)
+    else:
+        vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
     settings = {
         "class": type(tokenizer).__name__,
         "special_tokens": tokenizer.special_tokens_map,

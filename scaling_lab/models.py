@@ -180,9 +180,16 @@ def forget() -> None:
 
 def remove_adapter(base: BaseModel, peft_model) -> None:
     """Take a trial's adapter off the shared base, leaving the base as it was loaded."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    # Modules trained in full (a classifier's new head) stay as trained after unload(): the originals go back.
+    originals = {name: module.original_module for name, module in base.model.named_modules()
+                 if isinstance(module, ModulesToSaveWrapper)}
     network = peft_model.unload()  # PEFT puts the original modules back in place of the LoRA layers
     if network is not base.model:
         raise RuntimeError("PEFT returned another model than the base it wrapped")
+    for name, original in originals.items():
+        network.set_submodule(name, original)
     if any(getattr(module, "gradient_checkpointing", False) for module in network.modules()):
         network.gradient_checkpointing_disable()
     if getattr(network, "_require_grads_hook", None) is not None:

@@ -224,7 +224,8 @@ def test_failing_trials_become_rows_and_retry_failed_reruns_only_them(tmp_path):
     assert code == 0
     assert f"error {frame.loc[(4, 4), 'trial_id']} model=xs r=4 α=4: RuntimeError: injected error at step 2" \
         in status_out
-    assert "MemoryError: injected out-of-memory at step 1" in status_out
+    assert f"oom {frame.loc[(16, 16), 'trial_id']} model=xs r=16 α=16: out of memory: worker peak RSS" in status_out
+    assert "MemoryError: injected out-of-memory at step 1" in frame.loc[(16, 16), "error"]
     assert "stale (the next run takes it over)" in status_out  # the crashed trial's claim
 
     rows = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "results/rel/trials").iterdir()}

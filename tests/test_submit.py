@@ -119,9 +119,9 @@ def test_a_job_api_that_says_try_again_later_is_retried(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", JustStarted)
     monkeypatch.setattr(submit.time, "sleep", lambda _: None)
-    assert submit._submit("http://127.0.0.1:1", "true", tmp_path, "s") == "raysubmit_1" and not answers
+    assert submit._submit("http://127.0.0.1:1", "true", tmp_path, "s", {}) == "raysubmit_1" and not answers
 
     monkeypatch.setattr(submit, "TRANSIENT_RETRY_S", 0.0)
     answers.extend(["No available agent to submit job, please try again later."] * 1000)
     with pytest.raises(SystemExit):
-        submit._submit("http://127.0.0.1:1", "true", tmp_path, "s")
+        submit._submit("http://127.0.0.1:1", "true", tmp_path, "s", {})
