@@ -1,9 +1,6 @@
 """Tier 2: `study verify` on local Ray with the simulated trial (α* = 16·√r planted): a held-out rank and a new one."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +8,7 @@ import yaml
 
 from scaling_lab import results
 from scaling_lab.study.verify import bracket_trials, load_study, rule_alpha
+from simulated_cluster import study
 
 SPEC = {
     "name": "sim",
@@ -19,12 +17,6 @@ SPEC = {
     "training": {"steps": 20, "eval_every": 5},
     "execution": {"backend": "simulated", "trials_per_group": 100},
 }
-
-
-def study(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "scaling_lab.study", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def write_spec(tmp_path: Path, data: dict) -> Path:
