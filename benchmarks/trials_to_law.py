@@ -5,7 +5,7 @@
 
 Simulated (default): the simulated trial's loss surface (a parabola in log α around α*(r) = 16·√r, diverging far
 above it) over ranks 1…256 and α = 2^0…2^16 (17 values an octave apart) with 2 seeds per point, for several
-draws of its seed noise. Each draw runs the full grid and the adaptive search (scaling_lab/search.py, driven
+draws of its seed noise. Each draw runs the full grid and the adaptive search (scaling_lab/search/proposals.py, driven
 directly, without Ray), fits both with scaling_lab.analysis and prints the trials each used and its k with 95%
 interval. The adaptive search stops at the grid's spacing (--resolution, in octaves), so its optima are located as
 finely as the grid's and its k interval is as wide or narrower (the widths are printed). The last line is the
@@ -30,10 +30,10 @@ import yaml
 from scaling_lab import results
 from scaling_lab.analysis import FitSettings, PowerLaw, fit_study, from_frame, load_results
 from scaling_lab.grid import TrialConfig, expand
-from scaling_lab.search import next_step
+from scaling_lab.search.proposals import next_step
 from scaling_lab.simulated import SEED_NOISE, simulate
 from scaling_lab.spec import parse
-from scaling_lab.study.adaptive import SearchSpace
+from scaling_lab.search.space import SearchSpace
 
 SIMULATED_SPEC = {
     "name": "trials-to-law",

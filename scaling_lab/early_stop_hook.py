@@ -18,7 +18,7 @@ import yaml
 from scaling_lab import results
 from scaling_lab.early_stop import should_prune
 from scaling_lab.grid import TrialConfig
-from scaling_lab.search import metric_column, point_value, trial_objective
+from scaling_lab.search.proposals import metric_column, point_value, trial_objective
 from scaling_lab.spec import StudySpec, build
 
 FULLY_TRAINED = ("ok", "diverged")

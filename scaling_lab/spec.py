@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from scaling_lab.early_stop import EarlyStopSettings
-from scaling_lab.search import SearchSettings
+from scaling_lab.search.proposals import SearchSettings
 from scaling_lab.tracking.settings import TrackingSettings
 
 SCALING_RULES = ("standard", "rslora", "fixed")
@@ -389,7 +389,7 @@ class StudySpec:
     metric: Literal["eval_loss", "eval_accuracy"] = "eval_loss"
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     execution: Execution = field(default_factory=Execution)
-    search: SearchSettings = field(default_factory=SearchSettings)  # grid or adaptive: scaling_lab/search.py
+    search: SearchSettings = field(default_factory=SearchSettings)  # grid or adaptive: scaling_lab/search/proposals.py
     tracking: TrackingSettings = field(default_factory=TrackingSettings)  # live logging: scaling_lab/tracking
 
     def results_dir(self, base_dir: Path = Path(".")) -> str:

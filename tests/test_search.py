@@ -5,7 +5,7 @@ import math
 import pytest
 
 from scaling_lab import simulated, spec as spec_lib
-from scaling_lab.search import (
+from scaling_lab.search.proposals import (
     Lattice,
     SearchSettings,
     Start,

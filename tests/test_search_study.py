@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from scaling_lab import results, simulated, spec as spec_lib
-from scaling_lab.search import cell_optimum
+from scaling_lab.search.proposals import cell_optimum
 from scaling_lab.study.__main__ import main as study_cli
-from scaling_lab.study.adaptive import SearchSpace, plan_line
+from scaling_lab.search.space import SearchSpace, plan_line
 from scaling_lab.trial import run_group
 
 SPEC = {
@@ -36,7 +36,7 @@ def test_searcher_protocol_without_tune(tmp_path):
     """Driven as Tune drives it: suggest until None, run what was suggested, report completion, until FINISHED."""
     from ray.tune.search import Searcher
 
-    from scaling_lab.study.searcher import AdaptiveSearcher
+    from scaling_lab.search.tune_searcher import AdaptiveSearcher
 
     spec = spec_lib.parse(SPEC)
     store = results.Store(tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 from scaling_lab import results
 from scaling_lab.grid import expand
 from scaling_lab.spec import ModelSpec, StudySpec
-from scaling_lab.study.adaptive import plan_line
+from scaling_lab.search.space import plan_line
 
 # Stated throughput assumptions for the cost estimate: LoRA training costs about 4·N FLOPs per token
 # (forward 2N, backward through frozen weights 2N, no weight gradients for them).

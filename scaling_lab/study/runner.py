@@ -259,7 +259,7 @@ def check_results_dir(spec: StudySpec, store: results.Store) -> list[str]:
 
 def set_aside_failures(spec: StudySpec, results_dir: str) -> list[str]:
     """Move the rows of the study's failed trials (error, oom) to failed/, so that they run again."""
-    from scaling_lab.study.adaptive import study_trial_ids
+    from scaling_lab.search.space import study_trial_ids
 
     store = results.Store(results_dir)
     wanted = set(study_trial_ids(spec, results_dir))
@@ -331,8 +331,8 @@ def run(spec: StudySpec, options: RunOptions) -> str:
     store.write("spec.yaml", spec_lib.dump(spec).encode())
     store.remove_stale_temporaries(older_than_s=spec.execution.claim_timeout_s)
     with full_disk_named(store):
-        if spec.search.method == "adaptive":  # α chosen as results come in: scaling_lab/study/searcher.py
-            from scaling_lab.study.searcher import run_adaptive
+        if spec.search.method == "adaptive":  # α chosen as results come in: scaling_lab/search/tune_searcher.py
+            from scaling_lab.search.tune_searcher import run_adaptive
 
             run_adaptive(spec, options, results_dir)
         elif not todo:

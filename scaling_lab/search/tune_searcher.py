@@ -20,10 +20,10 @@ from ray.tune.search import Searcher
 
 from scaling_lab import results
 from scaling_lab.grid import TrialConfig
-from scaling_lab.search import cell_optimum, next_step
+from scaling_lab.search.proposals import cell_optimum, next_step
 from scaling_lab.spec import StudySpec
 from scaling_lab.study import runner
-from scaling_lab.study.adaptive import GroupKey, SearchSpace, group_label, read_rows
+from scaling_lab.search.space import GroupKey, SearchSpace, group_label, read_rows
 from scaling_lab.study.ray_storage import ray_storage
 
 
