@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e .
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation $(DEEPSPEED)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
-	$(PY) -c 'from scaling_lab.train import build_deepspeed_ops; build_deepspeed_ops()' >/dev/null
+	$(PY) -c 'from scaling_lab.deepspeed_setup import build_deepspeed_ops; build_deepspeed_ops()' >/dev/null
 	touch $(STAMP)
 
 demo: install

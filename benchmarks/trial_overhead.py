@@ -61,7 +61,7 @@ def warm_up(spec: dict, cache_dir: Path) -> None:
     """Build what either side would otherwise build on its first run: the cached base model, DeepSpeed's CPU op."""
     from scaling_lab import models
     from scaling_lab import spec as spec_lib
-    from scaling_lab.train import build_deepspeed_ops
+    from scaling_lab.deepspeed_setup import build_deepspeed_ops
 
     models.load_base(spec_lib.parse(spec).models[0], cache_dir)
     build_deepspeed_ops()

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,8 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from scaling_lab import data as data_lib
 from scaling_lab import checkpoint, diagnostics, models
+from scaling_lab import data as data_lib
+from scaling_lab.deepspeed_setup import clips_outside_deepspeed, deepspeed_config, import_deepspeed, micro_batch_size
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
 
@@ -39,30 +38,6 @@ def ensure_process_group() -> None:
         port = probe.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
-
-
-def import_deepspeed():
-    """DeepSpeed, set up so that the op it compiles on first use (its CPU comm op, about a minute) is built once
-    per Python environment: into the environment, not torch's ~/.cache/torch_extensions that all environments
-    share, and by the environment's own ninja (a DeepSpeed dependency), not whichever ninja comes first on PATH:
-    two ninja versions rebuild each other's output."""
-    if os.access(sys.prefix, os.W_OK):
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    scripts = os.path.dirname(sys.executable)
-    path = os.environ.get("PATH", "")
-    if shutil.which("ninja", path=scripts) and not path.startswith(scripts + os.pathsep):
-        os.environ["PATH"] = scripts + os.pathsep + path
-    import deepspeed  # imported late: importing it where no accelerator is set up has crashed some versions
-
-    return deepspeed
-
-
-def build_deepspeed_ops() -> None:
-    """Build now what the first trial would otherwise build (`make install` runs this)."""
-    import_deepspeed()
-    from deepspeed.comm.torch import build_shm_op
-
-    build_shm_op()
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
@@ -108,79 +83,6 @@ def lr_lambda(config: TrialConfig, total_steps: int):
         return 1.0
 
     return factor
-
-
-def clips_outside_deepspeed(config: TrialConfig) -> bool:
-    """At ZeRO-0 in fp32, DeepSpeed clips parameter by parameter in Python (about 4% of a tiny trial);
-    torch's clip_grad_norm_ does the same to the full gradients, which DeepSpeed's backward has averaged."""
-    return config.deepspeed.zero_stage == 0 and config.deepspeed.precision == "fp32"
-
-
-def micro_batch_size(config: TrialConfig, world_size: int) -> int:
-    """Sequences per forward pass on one worker."""
-    return config.training.micro_batch_size or config.training.batch_size // world_size
-
-
-def deepspeed_config(config: TrialConfig, world_size: int, model_params: int | None = None) -> dict:
-    """The trial's DeepSpeed config; with `model_params` (the base's size), ZeRO-3's buffers sized to the model."""
-    batch, stage = config.training.batch_size, config.deepspeed.zero_stage
-    micro = micro_batch_size(config, world_size)
-    zero: dict = {"stage": stage}
-    if config.deepspeed.offload and stage >= 2:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if config.deepspeed.offload and stage == 3:
-        zero["offload_param"] = {"device": "cpu"}
-    if stage == 3 and model_params:
-        # DeepSpeed's defaults (1e9 live parameters, 5e8-element buckets) keep a model of a few billion parameters
-        # whole on every worker between its forward and backward pass, and add a 2 GB gradient bucket: at most an
-        # eighth of the model is gathered at once here (sized by the model, as transformers' "auto" values are).
-        # Prefetching is off: with fewer live parameters it left weights in flight (an assertion in DeepSpeed 0.19).
-        live, bucket = max(model_params // 8, 10**6), max(model_params // 16, 10**6)
-        zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live, stage3_prefetch_bucket_size=0,
-                    reduce_bucket_size=bucket)
-    ds = {
-        "train_batch_size": batch,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": batch // (micro * world_size),
-        "zero_optimization": zero,
-        "bf16": {"enabled": config.deepspeed.precision == "bf16"},
-        "fp16": {"enabled": config.deepspeed.precision == "fp16"},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        # DeepSpeed clips at 1.0 where this is left out
-        "gradient_clipping": 0.0 if clips_outside_deepspeed(config) else config.optimizer.grad_clip or 0.0,
-    }
-    if "offload_optimizer" in zero:
-        # Keep the trial's own torch optimizer, so that offloading does not change the update; it steps only
-        # the small LoRA tensors, where DeepSpeed's CPU Adam would save little.
-        ds["zero_force_ds_cpu_optimizer"] = False
-    return merged(ds, config.deepspeed.config)
-
-
-def merged(base: dict, extra: dict) -> dict:
-    """`base` with `extra`'s keys added, mappings merged key by key (the spec has refused keys it sets itself)."""
-    result = dict(base)
-    for key, value in extra.items():
-        both_mappings = isinstance(value, dict) and isinstance(result.get(key), dict)
-        result[key] = merged(result[key], value) if both_mappings else value
-    return result
-
-
-def check_deepspeed_config(config: TrialConfig, world_size: int) -> None:
-    """DeepSpeed's own validation of the config a trial would use (with deepspeed.config merged in), before any
-    compute; raises ValueError naming deepspeed.config."""
-    if not config.deepspeed.config:
-        return
-    import_deepspeed()
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    ds_config = deepspeed_config(config, world_size)
-    ds_config["train_batch_size"] //= world_size  # checked here in a world of one process
-    try:
-        DeepSpeedConfig(ds_config)
-    except Exception as exc:  # DeepSpeed raises pydantic errors, AssertionError, ValueError, KeyError ...
-        reason = " ".join(str(exc).split())[:300]
-        raise ValueError(f"deepspeed.config: DeepSpeed rejects it: {type(exc).__name__}: {reason}") from None
 
 
 def evaluate(engine, split: data_lib.Split, config: TrialConfig, device) -> tuple[float, float]:
