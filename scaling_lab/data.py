@@ -31,7 +31,9 @@ import pyarrow.parquet as pq
 
 from scaling_lab import text_tasks
 from scaling_lab.build_once import build_once
-from scaling_lab.spec import DataSpec, TrainingSettings, resolve_path
+from scaling_lab.spec_base import resolve_path
+from scaling_lab.spec_data import DataSpec
+from scaling_lab.spec_training import TrainingSettings
 
 if TYPE_CHECKING:
     import torch

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from scaling_lab.build_once import build_once
-from scaling_lab.spec import TINY_PREFIX
+from scaling_lab.spec_axes import TINY_PREFIX
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedModel
 
-    from scaling_lab.spec import ModelSpec
+    from scaling_lab.spec_axes import ModelSpec
 
 TINY_VOCAB_SIZE = 64  # the synthetic tasks' alphabet, data.SYNTHETIC_VOCAB_SIZE
 
