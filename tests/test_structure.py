@@ -44,8 +44,8 @@ def import_graph() -> dict[str, set[str]]:
     return {name: imported_modules(file, name, set(modules)) for name, file in modules.items()}
 
 
-def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One cycle for each strongly connected component that has one (Tarjan's algorithm, then a path inside)."""
+def cyclic_components(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm): each holds a cycle."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -76,7 +76,12 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     for node in sorted(graph):
         if node not in index:
             visit(node)
-    return [shortest_cycle(graph, component) for component in components]
+    return components
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One shortest cycle in each cyclic component."""
+    return [shortest_cycle(graph, component) for component in cyclic_components(graph)]
 
 
 def shortest_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
@@ -115,9 +120,16 @@ def test_the_graph_sees_local_relative_and_submodule_imports(tmp_path, monkeypat
     ]
 
 
+def describe(graph: dict[str, set[str]], component: list[str]) -> str:
+    cycle = shortest_cycle(graph, component)
+    others = sorted(set(component) - set(cycle))
+    return " -> ".join(cycle) + (f"  (more cycles through {', '.join(others)})" if others else "")
+
+
 def test_no_import_cycles():
-    cycles = find_cycles(import_graph())
-    assert not cycles, "import cycles in scaling_lab:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+    graph = import_graph()
+    cycles = [describe(graph, component) for component in cyclic_components(graph)]
+    assert not cycles, "import cycles in scaling_lab:\n" + "\n".join(cycles)
 
 
 @pytest.mark.parametrize("name", sorted(package_modules()))
