@@ -46,6 +46,7 @@ __all__ = [
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 
 
+@dataclass(frozen=True)
 class FaultInjection:
     """A fault injected on purpose into simulated trials: for the reliability tests and the fault benchmark only.
 

@@ -143,3 +143,12 @@ def test_a_model_source_is_checked_with_the_spec():
     with pytest.raises(SpecError, match=r"models\[0\].revision: expected null unless the source is a hub id"):
         spec_lib.parse(with_change("models.0.revision", "main"))
     assert spec_lib.parse(with_change("models.0", {"name": "h", "source": "org/name", "revision": "v1"}))
+
+
+def test_injected_faults_are_built_checked_and_round_trip():
+    faults = {"backend": "simulated", "inject_faults": [{"kind": "crash", "ranks": [1], "at_step": 3}]}
+    spec = spec_lib.parse(with_change("execution", faults))
+    assert spec.execution.inject_faults == (spec_lib.FaultInjection(kind="crash", at_step=3, ranks=(1,)),)
+    assert spec_lib.parse(yaml.safe_load(spec_lib.dump(spec))) == spec
+    with pytest.raises(SpecError, match=r"execution.inject_faults\[0\].at_step: expected an integer >= 1, got 0"):
+        spec_lib.parse(with_change("execution", {**faults, "inject_faults": [{"kind": "nan", "at_step": 0}]}))
