@@ -2,8 +2,8 @@
 
 - markov_task.py: the offline synthetic Markov task, also the tiny models' pretraining corpus;
 - data_sources.py: files, hub datasets and builtin tasks read in chunks and checked (DataError);
-- data_preparation.py: text data prepared once per study and tokenizer, under a file lock, and memory-mapped;
-- data_batches.py: the splits and their seeded batches.
+- data_preparation.py: text data prepared once per study and tokenizer (built here under a file lock);
+- data_batches.py: the splits (prepared rows memory-mapped) and their seeded batches.
 The names other modules use are importable from here as before.
 """
 

@@ -321,7 +321,8 @@ def _test_cell(
     if window.sum() < MIN_POINTS:
         return replace(
             base,
-            reason=f"{window.sum()} finite points within 2^{WINDOW_DOUBLINGS:g}× of the best α·lr, fewer than {MIN_POINTS}",
+            reason=f"{window.sum()} finite points within 2^{WINDOW_DOUBLINGS:g}× of the best α·lr, "
+            f"fewer than {MIN_POINTS}",
         )
     fit = _fit_surface(grid, window, means, counts)
     if isinstance(fit, str):
