@@ -7,8 +7,7 @@ import os
 import shutil
 import sys
 
-from scaling_lab.grid import TrialConfig, expand
-from scaling_lab.spec import SpecError, StudySpec
+from scaling_lab.grid import TrialConfig
 
 
 def import_deepspeed():
@@ -106,16 +105,3 @@ def check_deepspeed_config(config: TrialConfig, world_size: int) -> None:
     except Exception as exc:  # DeepSpeed raises pydantic errors, AssertionError, ValueError, KeyError ...
         reason = " ".join(str(exc).split())[:300]
         raise ValueError(f"deepspeed.config: DeepSpeed rejects it: {type(exc).__name__}: {reason}") from None
-
-
-def check_study_deepspeed_config(spec: StudySpec) -> None:
-    """DeepSpeed validates the config of every shape of trial before anything runs (only where deepspeed.config
-    adds keys of its own: this imports DeepSpeed)."""
-    if not spec.deepspeed.config:
-        return
-    shapes = {trial.resources.workers: trial for trial in expand(spec)}
-    for workers, trial in shapes.items():
-        try:
-            check_deepspeed_config(trial, workers)
-        except ValueError as exc:
-            raise SpecError(str(exc)) from None
