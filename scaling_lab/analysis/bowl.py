@@ -45,56 +45,127 @@ def all_shapes(step: float) -> tuple[np.ndarray, np.ndarray]:
     return family, steepness
 
 
-def _designs(log_points: np.ndarray, vertices: np.ndarray, family: np.ndarray, steepness: np.ndarray) -> np.ndarray:
-    """shapes × vertices × points × 3: level, first curvature column, second (zero unless two half-parabolas)."""
-    distance = (log_points[None, :] - vertices[:, None])[None]  # 1 × vertices × points
-    lam = steepness[:, None, None]
-    fam = family[:, None, None]
+def _first_column(distance: np.ndarray, family: np.ndarray, steepness: np.ndarray) -> np.ndarray:
+    """shapes × vertices × points: the curvature column of each shape of the one-curvature families (1, 2, 3),
+    each computed only for its own family; non-finite values are 1e300."""
+    first = np.empty((family.size, *distance.shape))
     square = distance**2
-    with np.errstate(over="ignore", invalid="ignore"):
-        above = exponential_rise(np.maximum(distance, 0.0), np.abs(lam))
-        below = exponential_rise(np.maximum(-distance, 0.0), np.abs(lam))
-        both = exponential_rise(distance, lam)
     below_mask, above_mask = distance < 0, distance >= 0
-    first = np.select(
-        [fam == 0, fam == 1, fam == 2],
-        [np.where(below_mask, square, 0.0), np.where(below_mask, square, above), np.where(above_mask, square, below)],
-        both,
-    )
-    second = np.where((fam == 0) & above_mask, square, 0.0)
-    ones = np.ones_like(first)
-    return np.stack([ones, first, np.broadcast_to(second, first.shape)], axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for member, wall_side, formula in (
+            (family == 1, below_mask, lambda lam: exponential_rise(np.maximum(distance, 0.0), np.abs(lam))),
+            (family == 2, above_mask, lambda lam: exponential_rise(np.maximum(-distance, 0.0), np.abs(lam))),
+            (family == 3, None, lambda lam: exponential_rise(distance, lam)),
+        ):
+            if member.any():
+                rise = formula(steepness[member][:, None, None])
+                first[member] = rise if wall_side is None else np.where(wall_side, square, rise)
+    return np.where(np.isfinite(first), first, 1e300)
 
 
-def _search(log_points, means, vertices, family, steepness):
-    """Residual sum of squares (rows × shapes × vertices; inf where a curvature is not positive) and levels."""
+def _two_half_parabolas(distance: np.ndarray) -> np.ndarray:
+    """1 × vertices × points × 3: level, curvature below the vertex, curvature above it."""
+    square = distance**2
+    first = np.where(distance < 0, square, 0.0)
+    second = np.where(distance >= 0, square, 0.0)
+    return np.stack([np.ones_like(first), first, second], axis=-1)[None]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What a search's least squares need of the shapes and vertices, whatever the curves fitted to them."""
+
+    n_rows: int  # shapes × vertices
+    two: np.ndarray  # which shapes are the two half-parabolas (three columns)
+    design: np.ndarray | None  # the two half-parabolas' design: 1 × vertices × points × 3
+    flat: np.ndarray | None  # points × (shapes × vertices × 2): the other shapes' columns, level and curvature
+    inverse: np.ndarray | None  # shapes × vertices × 2 × 2: their normal matrices' inverses
+    solvable: np.ndarray | None
+
+
+def _prepare(log_points, vertices, family, steepness) -> _Prepared:
+    distance = log_points[None, :] - vertices[:, None]  # vertices × points
+    two = family == 0
+    design = np.repeat(_two_half_parabolas(distance), int(two.sum()), axis=0) if two.any() else None
+    flat = inverse = solvable = None
+    if not two.all():
+        first = _first_column(distance, family[~two], steepness[~two])  # shapes × vertices × points
+        n_points = distance.shape[1]
+        # the normal matrix [[n, Σf], [Σf, Σf²]], summed point by point (the order einsum sums in)
+        total, squares = np.zeros(first.shape[:2]), np.zeros(first.shape[:2])
+        for point in range(n_points):
+            column = first[:, :, point]
+            total, squares = total + 1.0 * column, squares + column * column
+        with np.errstate(invalid="ignore", over="ignore"):
+            scale = float(n_points) * squares
+            solvable = np.isfinite(scale) & _determinant_exceeds(float(n_points), total, squares, 1e-10 * scale)
+        normal = np.empty((*total.shape, 2, 2))
+        normal[..., 0, 0], normal[..., 0, 1], normal[..., 1, 0], normal[..., 1, 1] = n_points, total, total, squares
+        inverse = np.linalg.inv(np.where(solvable[..., None, None], normal, np.eye(2)))
+        flat = np.empty((n_points, *first.shape[:2], 2))
+        flat[..., 0] = 1.0
+        flat[..., 1] = np.moveaxis(first, 2, 0)
+        flat = flat.reshape(n_points, -1)
+    return _Prepared(family.size * vertices.size, two, design, flat, inverse, solvable)
+
+
+def _determinant_exceeds(n: float, total: np.ndarray, squares: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """|det [[n, Σf], [Σf, Σf²]]| > threshold, decided as LAPACK's determinant (np.linalg.det) decides it: by the
+    closed form where it is farther from the threshold than either's rounding error, by LAPACK elsewhere."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        product, cross = n * squares, total * total
+        determinant = product - cross
+        margin = np.abs(np.abs(determinant) - threshold)
+        unsure = ~(margin > 64 * np.finfo(float).eps * (np.abs(product) + cross)) & np.isfinite(threshold)
+        exceeds = np.abs(determinant) > threshold
+    if unsure.any():
+        normal = np.empty((int(unsure.sum()), 2, 2))
+        normal[:, 0, 0], normal[:, 1, 1] = n, squares[unsure]
+        normal[:, 0, 1] = normal[:, 1, 0] = total[unsure]
+        with np.errstate(invalid="ignore", over="ignore"):
+            exceeds[unsure] = np.abs(np.linalg.det(normal)) > threshold[unsure]
+    return exceeds
+
+
+def _search(log_points, means, vertices, family, steepness, prepared: _Prepared | None = None):
+    """Residual sum of squares (rows × shapes × vertices; inf where a curvature is not positive) and levels.
+    `prepared`: _prepare's result for the same shapes and vertices, when several searches share them."""
+    prepared = prepared or _prepare(log_points, vertices, family, steepness)
     # centred, so that the residual (a difference of two sums of squares) keeps its digits
     centre = means.mean(axis=1)
     means = means - centre[:, None]
-    designs = _designs(log_points, vertices, family, steepness)
-    designs = np.where(np.isfinite(designs), designs, 1e300)
-    two = family == 0
+    two = prepared.two
     rss = np.full((means.shape[0], family.size, vertices.size), np.inf)
     levels = np.full_like(rss, np.nan)
     total = np.einsum("bn,bn->b", means, means)
-    for chosen, p in ((two, 3), (~two, 2)):
-        if not chosen.any():
-            continue
-        design = designs[chosen][..., :p]
-        normal = np.einsum("svni,svnj->svij", design, design)
-        with np.errstate(invalid="ignore", over="ignore"):
-            scale = np.prod(np.diagonal(normal, axis1=2, axis2=3), axis=-1)
-            solvable = np.isfinite(scale) & (np.abs(np.linalg.det(normal)) > 1e-10 * scale)
-        inverse = np.linalg.inv(np.where(solvable[..., None, None], normal, np.eye(p)))
-        n_shapes, n_vertices, n_points, _ = design.shape
-        flat = np.moveaxis(design, 2, 0).reshape(n_points, -1)
-        moments = (means @ flat).reshape(means.shape[0], n_shapes, n_vertices, p)
-        coefficients = (inverse[None] * moments[..., None, :]).sum(axis=-1)
-        residual = total[:, None, None] - (moments * coefficients).sum(axis=-1)
-        feasible = solvable[None] & np.all(coefficients[..., 1:] > 0, axis=-1)
-        rss[:, chosen] = np.where(feasible, np.maximum(residual, 0.0), np.inf)
-        levels[:, chosen] = coefficients[..., 0] + centre[:, None, None]
+    if prepared.design is not None:
+        rss[:, two], levels[:, two] = _three_column_fit(prepared.design, means, total, centre)
+    if prepared.flat is not None:
+        # coefficients = inverse @ moments and the residual total − moments · coefficients, written out for 2 × 2
+        m0, m1 = np.moveaxis((means @ prepared.flat).reshape(means.shape[0], -1, vertices.size, 2), -1, 0)
+        inverse = prepared.inverse
+        c0 = inverse[..., 0, 0] * m0 + inverse[..., 0, 1] * m1
+        c1 = inverse[..., 1, 0] * m0 + inverse[..., 1, 1] * m1
+        residual = total[:, None, None] - (m0 * c0 + m1 * c1)
+        feasible = prepared.solvable[None] & (c1 > 0)
+        rss[:, ~two] = np.where(feasible, np.maximum(residual, 0.0), np.inf)
+        levels[:, ~two] = c0 + centre[:, None, None]
     return rss, levels
+
+
+def _three_column_fit(design, means, total, centre):
+    normal = np.einsum("svni,svnj->svij", design, design)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scale = np.prod(np.diagonal(normal, axis1=2, axis2=3), axis=-1)
+        solvable = np.isfinite(scale) & (np.abs(np.linalg.det(normal)) > 1e-10 * scale)
+    inverse = np.linalg.inv(np.where(solvable[..., None, None], normal, np.eye(3)))
+    n_shapes, n_vertices, n_points, p = design.shape
+    flat = np.moveaxis(design, 2, 0).reshape(n_points, -1)
+    moments = (means @ flat).reshape(means.shape[0], n_shapes, n_vertices, p)
+    coefficients = (inverse[None] * moments[..., None, :]).sum(axis=-1)
+    residual = total[:, None, None] - (moments * coefficients).sum(axis=-1)
+    feasible = solvable[None] & np.all(coefficients[..., 1:] > 0, axis=-1)
+    return np.where(feasible, np.maximum(residual, 0.0), np.inf), coefficients[..., 0] + centre[:, None, None]
 
 
 def _best(rss, levels, vertices):
@@ -196,9 +267,10 @@ def refit_bowls(
     unique, inverse = np.unique(np.where(usable[:, None], means, 0.0), axis=0, return_inverse=True)
     log_optimum = np.empty(unique.shape[0])
     value = np.empty(unique.shape[0])
+    prepared = _prepare(log_points, vertices, family, steepness)
     for start in range(0, unique.shape[0], 200):
         rows = unique[start : start + 200]
-        rss, levels = _search(log_points, rows, vertices, family, steepness)
+        rss, levels = _search(log_points, rows, vertices, family, steepness, prepared)
         log_optimum[start : start + 200], value[start : start + 200], _, _ = _best(rss, levels, vertices)
     inverse = inverse.ravel()
     return np.where(usable, log_optimum[inverse], np.nan), np.where(usable, value[inverse], np.nan)
