@@ -75,9 +75,8 @@ def _two_half_parabolas(distance: np.ndarray) -> np.ndarray:
 class _Prepared:
     """What a search's least squares need of the shapes and vertices, whatever the curves fitted to them."""
 
-    n_rows: int  # shapes × vertices
     two: np.ndarray  # which shapes are the two half-parabolas (three columns)
-    design: np.ndarray | None  # the two half-parabolas' design: 1 × vertices × points × 3
+    three: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # the two half-parabolas': _three_columns
     flat: np.ndarray | None  # points × (shapes × vertices × 2): the other shapes' columns, level and curvature
     inverse: np.ndarray | None  # shapes × vertices × 2 × 2: their normal matrices' inverses
     solvable: np.ndarray | None
@@ -86,7 +85,7 @@ class _Prepared:
 def _prepare(log_points, vertices, family, steepness) -> _Prepared:
     distance = log_points[None, :] - vertices[:, None]  # vertices × points
     two = family == 0
-    design = np.repeat(_two_half_parabolas(distance), int(two.sum()), axis=0) if two.any() else None
+    three = _three_columns(np.repeat(_two_half_parabolas(distance), int(two.sum()), axis=0)) if two.any() else None
     flat = inverse = solvable = None
     if not two.all():
         first = _first_column(distance, family[~two], steepness[~two])  # shapes × vertices × points
@@ -99,14 +98,12 @@ def _prepare(log_points, vertices, family, steepness) -> _Prepared:
         with np.errstate(invalid="ignore", over="ignore"):
             scale = float(n_points) * squares
             solvable = np.isfinite(scale) & _determinant_exceeds(float(n_points), total, squares, 1e-10 * scale)
-        normal = np.empty((*total.shape, 2, 2))
-        normal[..., 0, 0], normal[..., 0, 1], normal[..., 1, 0], normal[..., 1, 1] = n_points, total, total, squares
-        inverse = np.linalg.inv(np.where(solvable[..., None, None], normal, np.eye(2)))
+        inverse = _inverse(float(n_points), total, squares, solvable)
         flat = np.empty((n_points, *first.shape[:2], 2))
         flat[..., 0] = 1.0
         flat[..., 1] = np.moveaxis(first, 2, 0)
         flat = flat.reshape(n_points, -1)
-    return _Prepared(family.size * vertices.size, two, design, flat, inverse, solvable)
+    return _Prepared(two, three, flat, inverse, solvable)
 
 
 def _determinant_exceeds(n: float, total: np.ndarray, squares: np.ndarray, threshold: np.ndarray) -> np.ndarray:
@@ -127,6 +124,21 @@ def _determinant_exceeds(n: float, total: np.ndarray, squares: np.ndarray, thres
     return exceeds
 
 
+def _inverse(n: float, total: np.ndarray, squares: np.ndarray, solvable: np.ndarray) -> np.ndarray:
+    """The inverses (… × 2 × 2) of [[n, Σf], [Σf, Σf²]] where solvable, else of the identity, computed as LAPACK's
+    dgesv does for np.linalg.inv, to the last bit: LU with partial pivoting, pivots applied as reciprocals."""
+    n, total, squares = np.where(solvable, n, 1.0), np.where(solvable, total, 0.0), np.where(solvable, squares, 1.0)
+    swap = np.abs(total) > n  # the pivot of the first column is the larger of n and |Σf|
+    pivot, lower, upper = np.where(swap, total, n), np.where(swap, n, total), np.where(swap, squares, total)
+    factor = lower * (1.0 / pivot)
+    corner = np.where(swap, total, squares) - factor * upper
+    permuted = np.where(swap[..., None, None], np.array([[0.0, 1.0], [1.0, 0.0]]), np.eye(2))
+    first, second = permuted[..., 0, :], permuted[..., 1, :] - factor[..., None] * permuted[..., 0, :]
+    second = second * (1.0 / corner)[..., None]
+    first = (first - upper[..., None] * second) * (1.0 / pivot)[..., None]
+    return np.stack([first, second], axis=-2)
+
+
 def _search(log_points, means, vertices, family, steepness, prepared: _Prepared | None = None):
     """Residual sum of squares (rows × shapes × vertices; inf where a curvature is not positive) and levels.
     `prepared`: _prepare's result for the same shapes and vertices, when several searches share them."""
@@ -138,29 +150,36 @@ def _search(log_points, means, vertices, family, steepness, prepared: _Prepared 
     rss = np.full((means.shape[0], family.size, vertices.size), np.inf)
     levels = np.full_like(rss, np.nan)
     total = np.einsum("bn,bn->b", means, means)
-    if prepared.design is not None:
-        rss[:, two], levels[:, two] = _three_column_fit(prepared.design, means, total, centre)
+    if prepared.three is not None:
+        rss[:, two], levels[:, two] = _three_column_fit(prepared.three, means, total, centre)
     if prepared.flat is not None:
         # coefficients = inverse @ moments and the residual total − moments · coefficients, written out for 2 × 2
         m0, m1 = np.moveaxis((means @ prepared.flat).reshape(means.shape[0], -1, vertices.size, 2), -1, 0)
         inverse = prepared.inverse
-        c0 = inverse[..., 0, 0] * m0 + inverse[..., 0, 1] * m1
-        c1 = inverse[..., 1, 0] * m0 + inverse[..., 1, 1] * m1
-        residual = total[:, None, None] - (m0 * c0 + m1 * c1)
+        with np.errstate(over="ignore", invalid="ignore"):  # a shape that cannot be solved overflows here
+            c0 = inverse[..., 0, 0] * m0 + inverse[..., 0, 1] * m1
+            c1 = inverse[..., 1, 0] * m0 + inverse[..., 1, 1] * m1
+            residual = total[:, None, None] - (m0 * c0 + m1 * c1)
         feasible = prepared.solvable[None] & (c1 > 0)
         rss[:, ~two] = np.where(feasible, np.maximum(residual, 0.0), np.inf)
         levels[:, ~two] = c0 + centre[:, None, None]
     return rss, levels
 
 
-def _three_column_fit(design, means, total, centre):
+def _three_columns(design: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The flattened design (points × (shapes × vertices × 3)), the inverses of its normal matrices (identity where
+    not solvable) and which are solvable."""
     normal = np.einsum("svni,svnj->svij", design, design)
     with np.errstate(invalid="ignore", over="ignore"):
         scale = np.prod(np.diagonal(normal, axis1=2, axis2=3), axis=-1)
         solvable = np.isfinite(scale) & (np.abs(np.linalg.det(normal)) > 1e-10 * scale)
     inverse = np.linalg.inv(np.where(solvable[..., None, None], normal, np.eye(3)))
-    n_shapes, n_vertices, n_points, p = design.shape
-    flat = np.moveaxis(design, 2, 0).reshape(n_points, -1)
+    return np.moveaxis(design, 2, 0).reshape(design.shape[2], -1), inverse, solvable
+
+
+def _three_column_fit(prepared: tuple[np.ndarray, np.ndarray, np.ndarray], means, total, centre):
+    flat, inverse, solvable = prepared
+    n_shapes, n_vertices, p = inverse.shape[:3]
     moments = (means @ flat).reshape(means.shape[0], n_shapes, n_vertices, p)
     coefficients = (inverse[None] * moments[..., None, :]).sum(axis=-1)
     residual = total[:, None, None] - (moments * coefficients).sum(axis=-1)
