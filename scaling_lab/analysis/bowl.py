@@ -180,11 +180,16 @@ def _three_columns(design: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def _three_column_fit(prepared: tuple[np.ndarray, np.ndarray, np.ndarray], means, total, centre):
     flat, inverse, solvable = prepared
     n_shapes, n_vertices, p = inverse.shape[:3]
-    moments = (means @ flat).reshape(means.shape[0], n_shapes, n_vertices, p)
-    coefficients = (inverse[None] * moments[..., None, :]).sum(axis=-1)
-    residual = total[:, None, None] - (moments * coefficients).sum(axis=-1)
-    feasible = solvable[None] & np.all(coefficients[..., 1:] > 0, axis=-1)
-    return np.where(feasible, np.maximum(residual, 0.0), np.inf), coefficients[..., 0] + centre[:, None, None]
+    moments = np.moveaxis((means @ flat).reshape(means.shape[0], n_shapes, n_vertices, p), -1, 0)
+    # inverse @ moments and total − moments · coefficients, summed left to right as numpy's sum over an axis does
+    with np.errstate(over="ignore", invalid="ignore"):
+        c0, c1, c2 = (
+            (inverse[..., i, 0] * moments[0] + inverse[..., i, 1] * moments[1]) + inverse[..., i, 2] * moments[2]
+            for i in range(3)
+        )
+        residual = total[:, None, None] - ((moments[0] * c0 + moments[1] * c1) + moments[2] * c2)
+    feasible = solvable[None] & (c1 > 0) & (c2 > 0)
+    return np.where(feasible, np.maximum(residual, 0.0), np.inf), c0 + centre[:, None, None]
 
 
 def _best(rss, levels, vertices):
