@@ -46,29 +46,29 @@ def all_shapes(step: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _first_column(distance: np.ndarray, family: np.ndarray, steepness: np.ndarray) -> np.ndarray:
-    """shapes × vertices × points: the curvature column of each shape of the one-curvature families (1, 2, 3),
-    each computed only for its own family; non-finite values are 1e300."""
-    first = np.empty((family.size, *distance.shape))
-    square = distance**2
-    below_mask, above_mask = distance < 0, distance >= 0
+    """shapes × vertices × points (distance: the same): the curvature column of each shape of the one-curvature
+    families (1, 2, 3), each computed only for its own family; non-finite values are 1e300."""
+    first = np.empty(distance.shape)
     with np.errstate(over="ignore", invalid="ignore"):
         for member, wall_side, formula in (
-            (family == 1, below_mask, lambda lam: exponential_rise(np.maximum(distance, 0.0), np.abs(lam))),
-            (family == 2, above_mask, lambda lam: exponential_rise(np.maximum(-distance, 0.0), np.abs(lam))),
-            (family == 3, None, lambda lam: exponential_rise(distance, lam)),
+            (family == 1, np.less, lambda d, lam: exponential_rise(np.maximum(d, 0.0), np.abs(lam))),
+            (family == 2, np.greater_equal, lambda d, lam: exponential_rise(np.maximum(-d, 0.0), np.abs(lam))),
+            (family == 3, None, exponential_rise),
         ):
             if member.any():
-                rise = formula(steepness[member][:, None, None])
-                first[member] = rise if wall_side is None else np.where(wall_side, square, rise)
+                d = distance[member]
+                rise = formula(d, steepness[member][:, None, None])
+                first[member] = rise if wall_side is None else np.where(wall_side(d, 0), d**2, rise)
     return np.where(np.isfinite(first), first, 1e300)
 
 
 def _two_half_parabolas(distance: np.ndarray) -> np.ndarray:
-    """1 × vertices × points × 3: level, curvature below the vertex, curvature above it."""
+    """shapes × vertices × points × 3 (distance: shapes × vertices × points): level, curvature below the vertex,
+    curvature above it."""
     square = distance**2
     first = np.where(distance < 0, square, 0.0)
     second = np.where(distance >= 0, square, 0.0)
-    return np.stack([np.ones_like(first), first, second], axis=-1)[None]
+    return np.stack([np.ones_like(first), first, second], axis=-1)
 
 
 @dataclass(frozen=True)
@@ -77,19 +77,22 @@ class _Prepared:
 
     two: np.ndarray  # which shapes are the two half-parabolas (three columns)
     three: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # the two half-parabolas': _three_columns
-    flat: np.ndarray | None  # points × (shapes × vertices × 2): the other shapes' columns, level and curvature
+    flats: list[np.ndarray]  # per block of the other shapes, points × (shapes × vertices × 2): level, curvature
     inverse: np.ndarray | None  # shapes × vertices × 2 × 2: their normal matrices' inverses
     solvable: np.ndarray | None
 
 
-def _prepare(log_points, vertices, family, steepness) -> _Prepared:
-    distance = log_points[None, :] - vertices[:, None]  # vertices × points
+def _prepare(log_points, vertices, family, steepness, blocks: list[int] | None = None) -> _Prepared:
+    """`vertices`: one lattice for every shape, or one per shape (shapes × vertices). `blocks`: the sizes of the
+    runs of one-curvature shapes whose moments are computed apart (one matrix product each; by default one)."""
+    distance = log_points - vertices[..., None]  # (shapes ×) vertices × points
+    distance = np.broadcast_to(distance, (family.size, *distance.shape[-2:]))
     two = family == 0
-    three = _three_columns(np.repeat(_two_half_parabolas(distance), int(two.sum()), axis=0)) if two.any() else None
-    flat = inverse = solvable = None
+    three = _three_columns(_two_half_parabolas(distance[two])) if two.any() else None
+    flats, inverse, solvable = [], None, None
     if not two.all():
-        first = _first_column(distance, family[~two], steepness[~two])  # shapes × vertices × points
-        n_points = distance.shape[1]
+        first = _first_column(distance[~two], family[~two], steepness[~two])  # shapes × vertices × points
+        n_points = distance.shape[-1]
         # the normal matrix [[n, Σf], [Σf, Σf²]], summed point by point (the order einsum sums in)
         total, squares = np.zeros(first.shape[:2]), np.zeros(first.shape[:2])
         for point in range(n_points):
@@ -99,11 +102,14 @@ def _prepare(log_points, vertices, family, steepness) -> _Prepared:
             scale = float(n_points) * squares
             solvable = np.isfinite(scale) & _determinant_exceeds(float(n_points), total, squares, 1e-10 * scale)
         inverse = _inverse(float(n_points), total, squares, solvable)
-        flat = np.empty((n_points, *first.shape[:2], 2))
-        flat[..., 0] = 1.0
-        flat[..., 1] = np.moveaxis(first, 2, 0)
-        flat = flat.reshape(n_points, -1)
-    return _Prepared(two, three, flat, inverse, solvable)
+        sizes = blocks or [first.shape[0]]
+        for start, size in zip(np.cumsum([0, *sizes[:-1]]), sizes):
+            block = first[start : start + size]
+            flat = np.empty((n_points, *block.shape[:2], 2))
+            flat[..., 0] = 1.0
+            flat[..., 1] = np.moveaxis(block, 2, 0)
+            flats.append(flat.reshape(n_points, -1))
+    return _Prepared(two, three, flats, inverse, solvable)
 
 
 def _determinant_exceeds(n: float, total: np.ndarray, squares: np.ndarray, threshold: np.ndarray) -> np.ndarray:
@@ -139,22 +145,24 @@ def _inverse(n: float, total: np.ndarray, squares: np.ndarray, solvable: np.ndar
     return np.stack([first, second], axis=-2)
 
 
-def _search(log_points, means, vertices, family, steepness, prepared: _Prepared | None = None):
+def _search(log_points, means, vertices, family, steepness, prepared: _Prepared | None = None, blocks=None):
     """Residual sum of squares (rows × shapes × vertices; inf where a curvature is not positive) and levels.
     `prepared`: _prepare's result for the same shapes and vertices, when several searches share them."""
-    prepared = prepared or _prepare(log_points, vertices, family, steepness)
+    prepared = prepared or _prepare(log_points, vertices, family, steepness, blocks)
+    n_vertices = vertices.shape[-1]
     # centred, so that the residual (a difference of two sums of squares) keeps its digits
     centre = means.mean(axis=1)
     means = means - centre[:, None]
     two = prepared.two
-    rss = np.full((means.shape[0], family.size, vertices.size), np.inf)
+    rss = np.full((means.shape[0], family.size, n_vertices), np.inf)
     levels = np.full_like(rss, np.nan)
     total = np.einsum("bn,bn->b", means, means)
     if prepared.three is not None:
         rss[:, two], levels[:, two] = _three_column_fit(prepared.three, means, total, centre)
-    if prepared.flat is not None:
+    if prepared.flats:
         # coefficients = inverse @ moments and the residual total − moments · coefficients, written out for 2 × 2
-        m0, m1 = np.moveaxis((means @ prepared.flat).reshape(means.shape[0], -1, vertices.size, 2), -1, 0)
+        moments = np.concatenate([means @ flat for flat in prepared.flats], axis=1)
+        m0, m1 = np.moveaxis(moments.reshape(means.shape[0], -1, n_vertices, 2), -1, 0)
         inverse = prepared.inverse
         with np.errstate(over="ignore", invalid="ignore"):  # a shape that cannot be solved overflows here
             c0 = inverse[..., 0, 0] * m0 + inverse[..., 0, 1] * m1
@@ -244,33 +252,58 @@ def fit_bowl(
     if log_points.size < 5:
         family, steepness = local_shapes(shape[0], shape[1] / step) if shape else (family[:1], steepness[:1])
     rss, _ = _search(log_points, means[None], vertices, family, steepness)
-    fits = []
+    starts = []
     for candidate in np.unique(family):  # each family refined from its best lattice point, then compared
         of_family = np.where((family == candidate)[None, :, None], rss, np.inf)[0]
         if not np.isfinite(of_family).any():
             continue
         shape_index, _ = np.unravel_index(of_family.argmin(), of_family.shape)
-        fits.append(_refine(log_points, means, low, high, int(candidate), float(steepness[shape_index]), vertices))
-    fits = [fit for fit in fits if fit is not None]
+        starts.append(_Zoom(int(candidate), float(steepness[shape_index]), vertices))
+    fits = _refine(log_points, means, low, high, starts)
     return min(fits, key=lambda fit: fit[0])[1] if fits else None
 
 
-def _refine(log_points, means, low, high, family, steepness, vertices) -> tuple[float, BowlFit] | None:
-    """Zoom in on the vertex (20-fold per pass) and on λ (8-fold per pass) around a lattice fit."""
+@dataclass
+class _Zoom:
+    family: int
+    steepness: float
+    vertices: np.ndarray
+    rss: float = np.inf
+    fit: BowlFit | None = None
+
+
+def _refine(log_points, means, low, high, zooms: list[_Zoom]) -> list[tuple[float, BowlFit]]:
+    """Zoom in on the vertex (20-fold per pass) and on λ (8-fold per pass) around each family's lattice fit (the
+    families side by side in one search per pass); a family without a fit drops out."""
     spread = 0.25  # log2 of the λ factor either way
     for _ in range(4):
-        factors = 2.0 ** np.linspace(-spread, spread, 21) if family else np.ones(1)
-        lam = steepness * factors
-        rss, levels = _search(log_points, means[None], vertices, np.full(lam.size, family), lam)
-        log_optimum, value, shape_index, missing = _best(rss, levels, vertices)
-        if missing[0]:
-            return None
-        best_rss = float(rss[0].min())
-        steepness = float(lam[shape_index[0]])
-        spacing = vertices[1] - vertices[0]
-        vertices = np.clip(np.linspace(log_optimum[0] - spacing, log_optimum[0] + spacing, VERTEX_LATTICE), low, high)
+        if not zooms:
+            break
+        factors = 2.0 ** np.linspace(-spread, spread, 21)
+        lams = [zoom.steepness * (factors if zoom.family else np.ones(1)) for zoom in zooms]
+        family = np.concatenate([np.full(lam.size, zoom.family) for zoom, lam in zip(zooms, lams)])
+        vertices = np.concatenate([np.broadcast_to(zoom.vertices, (lam.size, zoom.vertices.size))
+                                   for zoom, lam in zip(zooms, lams)])
+        blocks = [lam.size for zoom, lam in zip(zooms, lams) if zoom.family]
+        rss, levels = _search(log_points, means[None], vertices, family, np.concatenate(lams), blocks=blocks)
+        kept, start = [], 0
+        for zoom, lam in zip(zooms, lams):
+            block = slice(start, start + lam.size)
+            start += lam.size
+            log_optimum, value, shape_index, missing = _best(rss[:, block], levels[:, block], zoom.vertices)
+            if missing[0]:
+                continue
+            zoom.rss = float(rss[0, block].min())
+            zoom.steepness = float(lam[shape_index[0]])
+            steepness = zoom.steepness if zoom.family else 0.0
+            zoom.fit = BowlFit(float(log_optimum[0]), float(value[0]), zoom.family, steepness)
+            spacing = zoom.vertices[1] - zoom.vertices[0]
+            lattice = np.linspace(log_optimum[0] - spacing, log_optimum[0] + spacing, VERTEX_LATTICE)
+            zoom.vertices = np.clip(lattice, low, high)
+            kept.append(zoom)
+        zooms = kept
         spread /= 8
-    return best_rss, BowlFit(float(log_optimum[0]), float(value[0]), family, steepness if family else 0.0)
+    return [(zoom.rss, zoom.fit) for zoom in zooms]
 
 
 def local_shapes(family: int, steepness: float) -> tuple[np.ndarray, np.ndarray]:
