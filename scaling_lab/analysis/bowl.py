@@ -14,8 +14,8 @@ All have four parameters (level, vertex, a curvature, and a second curvature or 
 fine lattice between the best point's neighbours (refined by a parabola through the residual profile), λ on a
 lattice in units of the grid step, each family's best refined by zooming in; the linear parameters are exact
 least squares, curvatures must be positive. Bootstrap refits keep the chosen family and search λ within √2.
-The least squares are written out for their 2 × 2 and 3 × 3 normal equations, to the last bit what einsum and
-LAPACK (np.linalg.inv, det) give, without a LAPACK call per matrix.
+The one-curvature families' 2 × 2 least squares are written out: to the last bit what einsum and LAPACK
+(np.linalg.inv, det) give, without a LAPACK call per matrix.
 On noise-free planted bowls each family recovers its own shape exactly; shapes outside all four (a softplus wall,
 a plateau below, powers other than 2) leave mean errors of up to about 0.15 of a grid step, 0.3 at worst.
 """
