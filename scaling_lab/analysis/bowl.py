@@ -139,12 +139,15 @@ def _inverse(n: float, total: np.ndarray, squares: np.ndarray, solvable: np.ndar
     swap = np.abs(total) > n  # the pivot of the first column is the larger of n and |Σf|
     pivot, lower, upper = np.where(swap, total, n), np.where(swap, n, total), np.where(swap, squares, total)
     factor = lower * (1.0 / pivot)
-    corner = np.where(swap, total, squares) - factor * upper
-    permuted = np.where(swap[..., None, None], np.array([[0.0, 1.0], [1.0, 0.0]]), np.eye(2))
-    first, second = permuted[..., 0, :], permuted[..., 1, :] - factor[..., None] * permuted[..., 0, :]
-    second = second * (1.0 / corner)[..., None]
-    first = (first - upper[..., None] * second) * (1.0 / pivot)[..., None]
-    return np.stack([first, second], axis=-2)
+    to_corner, to_pivot = 1.0 / (np.where(swap, total, squares) - factor * upper), 1.0 / pivot
+    # solve L·U·X = P: the second row of X from (row 1 of P) − factor · (row 0 of P), then the first row
+    eliminated = (0.0 - factor) * to_corner  # where row 0 of P has its 1
+    with_one, with_zero = (1.0 - upper * eliminated) * to_pivot, (0.0 - upper * to_corner) * to_pivot
+    inverse = np.empty((*n.shape, 2, 2))
+    inverse[..., 0, 0], inverse[..., 0, 1] = np.where(swap, with_zero, with_one), np.where(swap, with_one, with_zero)
+    inverse[..., 1, 0] = np.where(swap, to_corner, eliminated)
+    inverse[..., 1, 1] = np.where(swap, eliminated, to_corner)
+    return inverse
 
 
 def _search(log_points, means, vertices, family, steepness, prepared: _Prepared | None = None, blocks=None):
