@@ -53,7 +53,8 @@ def main() -> None:
         done, cpu = time.perf_counter(), time.process_time() - start_cpu
     law = next(t.law for t in fit.joint_laws)
     print(
-        f"rows {len(frame):,}; α cells {len(fit.alpha_cells)}, lr cells {len(fit.learning_rate_cells)}; joint law {law.formula()}"
+        f"rows {len(frame):,}; α cells {len(fit.alpha_cells)}, lr cells {len(fit.learning_rate_cells)}; "
+        f"joint law {law.formula()}"
     )
     print(f"load {loaded - start:.2f} s, fit {fitted - loaded:.2f} s, report and plots {done - fitted:.2f} s")
     # CPU time says how much work it was when other processes share the machine and stretch the wall time.

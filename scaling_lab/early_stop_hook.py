@@ -18,7 +18,7 @@ import yaml
 from scaling_lab import results
 from scaling_lab.early_stop import should_prune
 from scaling_lab.grid import TrialConfig
-from scaling_lab.search.proposals import metric_column, point_value, trial_objective
+from scaling_lab.objective import metric_column, point_value, trial_objective
 from scaling_lab.spec import StudySpec, build
 
 FULLY_TRAINED = ("ok", "diverged")
@@ -64,7 +64,7 @@ def pruning_rule(
         same_seed = [t.trial_id for t in trials if t.seed == config.seed]
         seeds = set(spec.grid.seeds) | {t.seed for t in trials}
         return should_prune(config.alpha, step, eval_loss, best_loss_at(store, same_seed, step),
-                            seed_means(trials, seeds, spec.metric), settings)
+                            finished_points(trials, seeds, spec.metric), settings)
 
     def should_stop(step: int, eval_loss: float) -> bool:
         decision = [decide(step, eval_loss) if rank == 0 else False]
@@ -115,9 +115,9 @@ def _eval_curve(store: results.Store, trial_id: str) -> dict[int, float]:
     return _eval_curves[key]
 
 
-def seed_means(trials: list[FinishedTrial], seeds: set[int], metric: str) -> dict[float, float]:
-    """α → seed-mean final metric to minimize, as the analysis computes it, for the α values whose every seed
-    trained to the end or diverged."""
+def finished_points(trials: list[FinishedTrial], seeds: set[int], metric: str) -> dict[float, float]:
+    """α → seed-mean final metric to minimize (scaling_lab/objective.py: the analysis's rule), for the α values
+    whose every seed trained to the end or diverged."""
     column, maximize = metric_column(metric)
     by_alpha: dict[float, dict[int, FinishedTrial]] = {}
     for trial in trials:

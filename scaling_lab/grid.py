@@ -6,9 +6,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 from dataclasses import dataclass
 
+from scaling_lab.objective import effective_scale
 from scaling_lab.spec import (
     DataSpec,
     DeepSpeedSettings,
@@ -45,7 +45,7 @@ class TrialConfig:
     @property
     def effective_scale(self) -> float:
         """The multiplier applied to B·A."""
-        return effective_scale(self.scaling_rule, self.alpha, self.rank)
+        return effective_scale(self.alpha, self.rank, self.scaling_rule)
 
     @property
     def peft_lora_alpha(self) -> float:
@@ -95,16 +95,6 @@ def _non_default(obj):
             continue
         kept[f.name] = _non_default(value)
     return kept
-
-
-def effective_scale(scaling_rule: str, alpha: float, rank: int) -> float:
-    if scaling_rule == "standard":
-        return alpha / rank
-    if scaling_rule == "rslora":
-        return alpha / math.sqrt(rank)
-    if scaling_rule == "fixed":
-        return alpha
-    raise ValueError(f"unknown scaling rule {scaling_rule!r}")
 
 
 def expand(spec: StudySpec) -> list[TrialConfig]:

@@ -3,8 +3,12 @@
 import dataclasses
 import math
 
+import numpy as np
+import pytest
+
 from scaling_lab import spec as spec_lib
-from scaling_lab.grid import TrialConfig, effective_scale, expand
+from scaling_lab.grid import TrialConfig, expand
+from scaling_lab.objective import effective_scale
 
 SPEC = {
     "name": "g",
@@ -40,9 +44,13 @@ def test_resources_and_description_do_not_change_ids():
 
 
 def test_effective_scale_follows_peft_conventions():
-    assert effective_scale("standard", 16.0, 4) == 4.0
-    assert effective_scale("rslora", 16.0, 4) == 8.0
-    assert effective_scale("fixed", 16.0, 4) == 16.0
+    assert effective_scale(16.0, 4, "standard") == 4.0
+    assert effective_scale(16.0, 4, "rslora") == 8.0
+    assert effective_scale(16.0, 4, "fixed") == 16.0
+    with pytest.raises(ValueError, match="unknown scaling rule 'rs'"):
+        effective_scale(16.0, 4, "rs")
+    # the analysis's array form is the same rule
+    assert list(effective_scale(np.array([16.0] * 3), np.array([4] * 3), ["standard", "rslora", "fixed"])) == [4, 8, 16]
     trial = expand(spec_lib.parse(SPEC))[0]
     fixed = dataclasses.replace(trial, scaling_rule="fixed", rank=8, alpha=0.5)
     assert fixed.peft_lora_alpha == 4.0 and math.isclose(fixed.peft_lora_alpha / fixed.rank, fixed.effective_scale)

@@ -2,14 +2,19 @@
 
 import math
 
+import pandas as pd
 import pytest
 
-from scaling_lab import simulated, spec as spec_lib
+from scaling_lab import simulated
+from scaling_lab import spec as spec_lib
+from scaling_lab.analysis import FitSettings, fit_study, from_frame
+from scaling_lab.objective import point_value, trial_objective
 from scaling_lab.search.proposals import (
     Lattice,
     SearchSettings,
     Start,
     cell_optimum,
+    group_optima,
     law_start,
     next_alphas,
     next_step,
@@ -118,3 +123,48 @@ def test_search_spec_errors_name_the_field(search_spec, message):
             "grid": {"ranks": [1, 4], "alphas": {"min": 1, "max": 4096, "num": 7}}, "search": search_spec}
     with pytest.raises(spec_lib.SpecError, match=message.replace("[", r"\[")):
         spec_lib.parse(data)
+
+
+def bowl_loss(rank: int, alpha: float, seed: int) -> float:
+    """A bowl in log2 α around 2^(4 + log2(r)/2), rising four times faster above its optimum than below it,
+    diverging 5 octaves above it, with seed noise."""
+    distance = math.log2(alpha) - (4 + math.log2(rank) / 2)
+    if distance > 5:
+        return math.nan
+    rise = 0.02 * distance**2 if distance < 0 else 0.08 * distance**2
+    return 1 + rise + 0.003 * math.sin(1000 * alpha + 7 * seed + rank)
+
+
+def test_the_search_and_fit_find_the_same_optimum_on_the_same_rows():
+    seeds, ranks = (0, 1, 2), [1, 4, 16, 64, 256]
+    rows = []
+    cells: dict[int, dict[float, float]] = {rank: {} for rank in ranks}
+
+    def measure(rank: int, alpha: float) -> None:
+        losses = [bowl_loss(rank, alpha, seed) for seed in seeds]
+        statuses = ["diverged" if math.isnan(loss) else "ok" for loss in losses]
+        rows.extend({"model": "m", "rank": rank, "alpha": alpha, "seed": seed, "status": status,
+                     "final_eval_loss": loss} for seed, status, loss in zip(seeds, statuses, losses))
+        cells[rank][alpha] = point_value([trial_objective(s, v, False) for s, v in zip(statuses, losses)])
+
+    while step := next_step(cells, LATTICE, SETTINGS):
+        for rank, alphas in step.items():
+            for alpha in alphas:
+                measure(rank, alpha)
+    # one more α two octaves above a cell's best: a fourth point, so that its bowl takes the group's shape
+    middle = cells[16]
+    best = min(middle, key=middle.get)
+    measure(16, max(a for a in middle if a > best) * 4)
+
+    searched = group_optima(cells)
+    fitted = fit_study(from_frame(pd.DataFrame(rows)), FitSettings(n_bootstrap=20))
+    assert {cell.rank for cell in fitted.alpha_cells} == set(ranks)
+    for cell in fitted.alpha_cells:  # every cell bracketed, none at an edge
+        assert searched[cell.rank] is not None and not cell.flags.count("edge_low") + cell.flags.count("edge_high")
+        assert math.isclose(2 ** searched[cell.rank], cell.optimum, rel_tol=1e-9), cell.label()
+        if not cell.estimator_reason.startswith("4 points"):  # a cell of four needs the group for its shape
+            assert cell_optimum(cells[cell.rank]) == searched[cell.rank]
+    reasons = [cell.estimator_reason for cell in fitted.alpha_cells]
+    assert any(r.startswith("4 points") and "the shape most cells" in r for r in reasons), reasons
+    assert any("best of four bowl shapes" in r for r in reasons), reasons
+    assert any("symmetry assumed" in r for r in reasons), reasons

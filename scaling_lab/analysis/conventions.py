@@ -1,7 +1,8 @@
 """Scale conventions: how a LoRA α becomes the multiplier s applied to B·A, and exact conversions between them.
 
 A trial's scaling rule says how its α was applied: s = α / r^q with q = 1 ("standard", PEFT's default α/r),
-q = 0.5 ("rslora", α/√r) and q = 0 ("fixed", the α value is the scale itself).
+q = 0.5 ("rslora", α/√r) and q = 0 ("fixed", the α value is the scale itself): RULE_EXPONENTS and
+effective_scale, defined once in scaling_lab/objective.py for the grid and the analysis.
 
 A convention says in which terms a law is stated: α_conv = s · r^p with p = 1 ("standard"), p = 0.5 ("rslora")
 and p = 0 ("scale"). A law α* = c · r^k in one convention is α* = c · r^(k + p_to − p_from) in another: the same
@@ -11,9 +12,10 @@ c, the exponent shifted by the difference of the conventions' exponents. The con
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
-RULE_EXPONENTS: dict[str, float] = {"standard": 1.0, "rslora": 0.5, "fixed": 0.0}
+from scaling_lab.objective import RULE_EXPONENTS as RULE_EXPONENTS
+from scaling_lab.objective import effective_scale as effective_scale
+
 CONVENTION_EXPONENTS: dict[str, float] = {"standard": 1.0, "rslora": 0.5, "scale": 0.0}
 
 CONVENTION_DESCRIPTIONS: dict[str, str] = {
@@ -29,12 +31,6 @@ CONVENTION_AXIS_LABELS: dict[str, str] = {
 }
 
 CONVENTION_SYMBOLS: dict[str, str] = {"standard": "α", "rslora": "α_rs", "scale": "s"}
-
-
-def effective_scale(alpha: np.ndarray, rank: np.ndarray, rule: pd.Series | np.ndarray) -> np.ndarray:
-    """The multiplier applied to B·A for each trial, from the α it set, its rank and its scaling rule."""
-    exponents = pd.Series(rule).map(RULE_EXPONENTS).to_numpy(dtype=float)
-    return np.asarray(alpha, dtype=float) / np.asarray(rank, dtype=float) ** exponents
 
 
 def alpha_in_convention(scale: np.ndarray, rank: np.ndarray, convention: str) -> np.ndarray:

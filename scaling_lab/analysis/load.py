@@ -19,8 +19,16 @@ import pyarrow.parquet as pq
 import yaml
 
 from scaling_lab import results
-from scaling_lab.analysis.conventions import RULE_EXPONENTS, effective_scale
 from scaling_lab.analysis.training_diagnostics import SPECTRAL_RATIO, read_trial_diagnostics
+from scaling_lab.objective import (
+    DROPPED_STATUSES,
+    RULE_EXPONENTS,
+    SPEC_METRIC_COLUMNS,
+    WORSE_THAN_ANY_STATUSES,
+    effective_scale,
+    metric_is_maximized,
+    objectives,
+)
 from scaling_lab.results import ResultsError
 
 REQUIRED_COLUMNS = ("rank", "alpha")
@@ -50,8 +58,6 @@ PROVENANCE_COLUMNS = ("study", "git_commit")
 # Kept as they are when present: the trial id joins the curve table's diagnostics, the spectral ratio is one.
 PASSED_THROUGH_COLUMNS = ("trial_id", SPECTRAL_RATIO)
 DEFAULT_METRIC = "final_eval_loss"
-# A study spec's `metric` names what its trials measure; the row column the analysis optimizes is its final value.
-SPEC_METRIC_COLUMNS = {"eval_loss": "final_eval_loss", "eval_accuracy": "final_eval_accuracy"}
 
 
 @dataclass(frozen=True)
@@ -156,10 +162,6 @@ class LoadedResults:
         }
 
 
-def metric_is_maximized(metric: str) -> bool:
-    return "accuracy" in metric
-
-
 def load_results(
     source: str | Path, metric: str | None = None, maximize: bool | None = None, diagnostics: bool = False
 ) -> LoadedResults:
@@ -254,7 +256,7 @@ def _normalize(path: str, raw: pd.DataFrame, metric: str, maximize: bool) -> Loa
     if unknown:
         raise ResultsError(f"{path}: column status has {unknown}, expected one of {list(results.STATUSES)}")
     status_counts = {name: int(n) for name, n in status.value_counts().items() if n > 0}
-    usable = status.isin(("ok", "diverged", "pruned")).to_numpy()
+    usable = ~status.isin(DROPPED_STATUSES).to_numpy()
     if not usable.any():
         raise ResultsError(f"{path}: no usable trials (every row has status error or oom: {status_counts})")
 
@@ -290,9 +292,9 @@ def _normalize(path: str, raw: pd.DataFrame, metric: str, maximize: bool) -> Loa
                 f"effective_scale differs from alpha under its scaling_rule in {disagree} rows; using effective_scale"
             )
 
-    diverged = status.isin(("diverged", "pruned")).to_numpy()
+    diverged = status.isin(WORSE_THAN_ANY_STATUSES).to_numpy()
     nonfinite_ok = int((~diverged & ~np.isfinite(value)).sum())
-    objective = np.where(diverged | ~np.isfinite(value), np.inf, -value if maximize else value)
+    objective = objectives(status, value, maximize)
     model = _text_column(frame, "model", "default")
     trials = pd.DataFrame(
         {

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
-from scaling_lab.analysis.bowl import POINTS_PER_SIDE, bowl_window, fit_bowl, refit_bowls
+from scaling_lab.analysis.bowl import POINTS_PER_SIDE, BowlFit, bowl_window, fit_bowl, refit_bowls
+from scaling_lab.objective import parabola_vertex, seed_means
 
 MIN_FINITE_POINTS = 3
 BOWL_RESOLUTION = 1 / 3  # a bowl fit's grid error as a share of a grid point's (module docstring)
@@ -29,6 +30,7 @@ Z95 = 1.959963984540054
 
 NEAR_EDGE_FRACTION = 0.1  # an optimum is "near the edge" when this share of bootstrap resamples puts it there
 EDGE_FLAGS = ("edge_low", "edge_high", "near_edge_low", "near_edge_high")
+FOUR_POINTS = "4 points"  # how a four-point bowl fit's reason starts
 
 
 @dataclass(frozen=True)
@@ -120,35 +122,14 @@ def locate_optima(log_grid: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, 
     left, right = np.maximum(best - 1, 0), np.minimum(best + 1, last)
     y_best, y_left, y_right = scores[rows, best], scores[rows, left], scores[rows, right]
     h_left, h_right = log_grid[left] - log_grid[best], log_grid[right] - log_grid[best]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rise_left, rise_right = y_left - y_best, y_right - y_best
-        denominator = h_left * h_right * (h_left - h_right)
-        curvature = (rise_left * h_right - rise_right * h_left) / denominator
-        slope = (rise_right * h_left**2 - rise_left * h_right**2) / denominator
+    with np.errstate(invalid="ignore"):
+        shift, rise, curvature = parabola_vertex(h_left, h_right, y_left - y_best, y_right - y_best)
         refined = (best > 0) & (best < last) & np.isfinite(y_left) & np.isfinite(y_right) & (curvature > 0)
-        shift = np.where(refined, -slope / (2 * curvature), 0.0)
-        value = np.where(refined, y_best - slope**2 / (4 * curvature), y_best)
+        shift = np.where(refined, shift, 0.0)
+        value = np.where(refined, y_best + rise, y_best)
     has_optimum = np.isfinite(y_best)
     log_optimum = np.where(has_optimum, log_grid[best] + shift, np.nan)
     return log_optimum, best, refined & has_optimum, np.where(has_optimum, value, np.nan)
-
-
-def seed_means(weights: np.ndarray, finite_values: np.ndarray, present: np.ndarray, diverged: np.ndarray) -> np.ndarray:
-    """Seed-weighted means over the grid (weights: replicates × seeds; the rest seeds × grid points).
-    Any diverged seed with weight makes the point +inf; a point no weighted seed measured is nan."""
-    counted = weights.sum(axis=1, keepdims=True) if present.all() else _blocked_matmul(weights, present)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        means = _blocked_matmul(weights, finite_values) / counted
-    return np.where(_blocked_matmul(weights, diverged) > 0, np.inf, means) if diverged.any() else means
-
-
-def _blocked_matmul(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """left @ right in blocks of rows of at most 2^18 multiply-adds each. BLAS libraries start threads above
-    about that size, and for products this small the threads cost 10-100× the arithmetic on a busy machine."""
-    rows = max(1, 2**18 // max(1, left.shape[1] * right.shape[1]))
-    if left.shape[0] <= rows:
-        return left @ right
-    return np.concatenate([left[start : start + rows] @ right for start in range(0, left.shape[0], rows)])
 
 
 def find_optima(
@@ -194,16 +175,23 @@ def find_optima(
         if optimum.bowl_shape is not None:
             shapes.setdefault((optimum.model, optimum.held_fixed), []).append(optimum.bowl_shape)
     for index, optimum in enumerate(optima):
-        chosen = shapes.get((optimum.model, optimum.held_fixed))
-        if optimum.estimator_reason.startswith("4 points") and chosen:
-            families = [family for family, _ in chosen]
-            family = max(set(families), key=lambda f: (families.count(f), -f))
-            steepness = float(np.median([s for f, s in chosen if f == family]))
+        chosen = shared_shape(shapes.get((optimum.model, optimum.held_fixed), []))
+        if optimum.estimator_reason.startswith(FOUR_POINTS) and chosen:
             cell, model_name = cells[index]
             optima[index] = _cell_optimum(
-                cell, model_name, axis, fixed_columns, maximize, n_bootstrap, rng, tolerance, (family, steepness)
+                cell, model_name, axis, fixed_columns, maximize, n_bootstrap, rng, tolerance, chosen
             )
     return optima
+
+
+def shared_shape(shapes: list[tuple[int, float]]) -> tuple[int, float] | None:
+    """The bowl shape a four-point cell takes from the shapes (family, λ × grid step) that cells of five points or
+    more chose: the most common family (the first of FAMILIES on a tie) with its median steepness; None if none."""
+    if not shapes:
+        return None
+    families = [family for family, _ in shapes]
+    family = max(set(families), key=lambda f: (families.count(f), -f))
+    return family, float(np.median([s for f, s in shapes if f == family]))
 
 
 def _cell_optimum(
@@ -235,15 +223,15 @@ def _cell_optimum(
     per_seed = np.where(any_diverged > 0, 0.0, per_seed)
 
     means = seed_means(np.ones((1, len(seeds))), per_seed, present, any_diverged)[0]
-    log_optimum, best, refined, value = (a[0] for a in locate_optima(log_grid, means[None, :]))
+    curve = curve_optimum(log_grid, means, assumed_shape)
+    log_optimum, value, best, refined = curve.log_optimum, curve.value, curve.best, curve.refined
     resampled = _resampled_means(per_seed, present, any_diverged, means, n_bootstrap, rng)
     bootstrap, bootstrap_best, _, _ = locate_optima(log_grid, resampled)
-
-    bowl = _bowl_optimum(log_grid, means, resampled, int(best), refined, assumed_shape)
-    parabola_log_optimum = log_optimum
-    if bowl.log_optimum is not None:
-        log_optimum, value = bowl.log_optimum, bowl.value
-        bootstrap = np.where(np.isfinite(bowl.bootstrap), bowl.bootstrap, bootstrap)
+    fitted_bowl = curve.bowl is not None
+    if fitted_bowl:
+        (start, stop), (points, low, high, origin) = curve.window, _bowl_frame(log_grid, best, curve.window)
+        refitted = refit_bowls(points, resampled[:, start:stop], low, high, curve.bowl)[0] + origin
+        bootstrap = np.where(np.isfinite(refitted), refitted, bootstrap)
 
     point_diverged = np.isinf(means)
     n_finite = int(np.isfinite(means).sum())
@@ -263,7 +251,7 @@ def _cell_optimum(
             flags.append("edge_high")
         elif np.mean(bootstrap_best == last) > NEAR_EDGE_FRACTION:
             flags.append("near_edge_high")
-        if not refined and bowl.log_optimum is None:
+        if not refined and not fitted_bowl:
             flags.append("not_refined")
         within = np.flatnonzero(means <= means[best] + tolerance * abs(means[best]))
         near_optimal = (float(grid[within.min()]), float(grid[within.max()]))
@@ -276,16 +264,16 @@ def _cell_optimum(
     suggested: tuple[float, ...] = ()
     if n_finite:
         step = _grid_step(log_grid, best)
-        resolution = step / math.sqrt(12) * (BOWL_RESOLUTION if bowl.log_optimum is not None else 1.0)
+        resolution = step / math.sqrt(12) * (BOWL_RESOLUTION if fitted_bowl else 1.0)
         spread = bootstrap[np.isfinite(bootstrap)]
         low_q, high_q = np.percentile(spread, [2.5, 97.5]) if spread.size else (log_optimum, log_optimum)
         below = math.hypot(max(log_optimum - low_q, 0.0), Z95 * resolution)
         above = math.hypot(max(high_q - log_optimum, 0.0), Z95 * resolution)
-        if bowl.log_optimum is not None and refined:
-            moved = log_optimum - parabola_log_optimum
+        if fitted_bowl and refined:
+            moved = log_optimum - curve.parabola_log_optimum
             if (moved > 0 and moved > below) or (moved < 0 and -moved > above):
                 flags.append("asymmetric")  # the symmetric parabola's optimum lies outside this one's interval
-        if refined or bowl.log_optimum is not None:
+        if refined or fitted_bowl:
             # half a grid step either side of the optimum: where the bowl's shape decides the optimum
             suggested = tuple(float(math.exp(log_optimum + side * step / 2)) for side in (-1, 1))
         optimum = math.exp(log_optimum)
@@ -312,39 +300,51 @@ def _cell_optimum(
         optimum_high=optimum_high,
         log_sigma=log_sigma,
         optimum_metric=optimum_metric,
-        refined=bool(refined) or bowl.log_optimum is not None,
-        estimator=bowl.estimator,
-        estimator_reason=bowl.reason,
-        parabola_optimum=float(math.exp(parabola_log_optimum)) if refined else None,
-        suggested=suggested if ("asymmetric" in flags or bowl.log_optimum is None) else (),
+        refined=refined or fitted_bowl,
+        estimator=curve.estimator,
+        estimator_reason=curve.reason,
+        parabola_optimum=float(math.exp(curve.parabola_log_optimum)) if refined else None,
+        suggested=suggested if ("asymmetric" in flags or not fitted_bowl) else (),
         near_optimal=near_optimal,
         flags=tuple(flags),
         bootstrap_log_optimum=bootstrap,
-        bowl_shape=bowl.shape,
+        bowl_shape=curve.shape,
     )
 
 
 @dataclass(frozen=True)
-class _Bowl:
+class CurveOptimum:
+    """The optimum of one seed-averaged curve as `fit` estimates it, before the bootstrap: the asymmetric bowl fit
+    around the best point, else the parabola through it and its neighbours, else the best grid point."""
+
     estimator: str
     reason: str
-    log_optimum: float | None = None
-    value: float | None = None
-    bootstrap: np.ndarray | None = None
+    log_optimum: float  # nan when no point is finite
+    value: float
+    best: int
+    refined: bool  # the parabola through the best point and its two neighbours curves upwards
+    parabola_log_optimum: float
+    bowl: BowlFit | None = None  # the bowl fit, its vertex relative to the best point
+    window: tuple[int, int] | None = None  # the points it was fitted to
     shape: tuple[int, float] | None = None  # family and λ × grid step, where five points or more chose them
 
+    @property
+    def needs_shape(self) -> bool:
+        """Whether four points made the fit take its shape from other cells (shared_shape)."""
+        return self.reason.startswith(FOUR_POINTS)
 
-def _bowl_optimum(
-    log_grid: np.ndarray,
-    means: np.ndarray,
-    resampled: np.ndarray,
-    best: int,
-    refined: bool,
-    shape: tuple[int, float] | None = None,
-) -> _Bowl:
-    """The asymmetric bowl fit around the best point, or why the parabola (or the grid point) stands."""
+
+def curve_optimum(log_grid: np.ndarray, means: np.ndarray, shape: tuple[int, float] | None = None) -> CurveOptimum:
+    """The optimum of `means` (the objective to minimize over `log_grid`; +inf diverged, nan not measured).
+    `shape` (family, λ × grid step) is the one a four-point bowl fit takes (shared_shape of the other cells)."""
+    log_optimum, best, refined, value = (a[0] for a in locate_optima(log_grid, means[None, :]))
+    best, refined = int(best), bool(refined)
+    parabola = {"best": best, "refined": refined, "parabola_log_optimum": float(log_optimum)}
+    stands = CurveOptimum(
+        "parabola" if refined else "grid point", "", float(log_optimum), float(value), **parabola
+    )
     if not np.isfinite(means[best]):
-        return _Bowl("none", "no finite point")
+        return replace(stands, estimator="none", reason="no finite point")
     window = bowl_window(means, best)
     if window is None:
         finite = np.isfinite(means)
@@ -356,24 +356,28 @@ def _bowl_optimum(
             above += 1
         missing = f"{below} finite point{'s' if below != 1 else ''} below the best, {above} above"
         if refined:
-            return _Bowl("parabola", f"{missing} (a bowl fit needs 4 with one on each side): symmetry assumed")
-        return _Bowl("grid point", f"{missing}: the best grid point stands")
+            return replace(stands, reason=f"{missing} (a bowl fit needs 4 with one on each side): symmetry assumed")
+        return replace(stands, reason=f"{missing}: the best grid point stands")
     start, stop = window
-    # relative to the best point, so that a grid shifted in log α (another convention) gives the same fit, shifted
-    origin = log_grid[best]
-    points, low, high = log_grid[start:stop] - origin, log_grid[best - 1] - origin, log_grid[best + 1] - origin
+    points, low, high, origin = _bowl_frame(log_grid, best, window)
     step = _grid_step(log_grid, best)
     fit = fit_bowl(points, means[start:stop], low, high, step, shape)
     if fit is None:
-        return _Bowl("parabola" if refined else "grid point", "no bowl with positive curvatures fits")
-    bootstrap = refit_bowls(points, resampled[:, start:stop], low, high, fit)[0] + origin
-    fit = replace(fit, log_optimum=fit.log_optimum + origin)
+        return replace(stands, reason="no bowl with positive curvatures fits")
+    fitted = CurveOptimum(fit.label, "", fit.log_optimum + origin, fit.value, **parabola, bowl=fit, window=window)
     if stop - start >= 5:
         reason = f"{stop - start} points, best of four bowl shapes by least squares"
-        return _Bowl(fit.label, reason, fit.log_optimum, fit.value, bootstrap, (fit.family, fit.steepness * step))
+        return replace(fitted, reason=reason, shape=(fit.family, fit.steepness * step))
     source = "the shape most cells of this model chose" if shape else "no cell of this model chose a shape"
-    reason = f"4 points, one on a side: too few to choose a shape ({source})"
-    return _Bowl(fit.label, reason, fit.log_optimum, fit.value, bootstrap)
+    return replace(fitted, reason=f"{FOUR_POINTS}, one on a side: too few to choose a shape ({source})")
+
+
+def _bowl_frame(log_grid: np.ndarray, best: int, window: tuple[int, int]) -> tuple[np.ndarray, float, float, float]:
+    """The window's points and the vertex's bounds (the best point's neighbours) relative to the best point, so
+    that a grid shifted in log α (another convention) gives the same fit, shifted; and that origin."""
+    origin = log_grid[best]
+    start, stop = window
+    return log_grid[start:stop] - origin, log_grid[best - 1] - origin, log_grid[best + 1] - origin, origin
 
 
 def _resampled_means(

@@ -2,11 +2,13 @@
 
 Work is in log2 α ("octaves"). A cell's optimum is bracketed (a measured point with a worse one on each side, or
 the α bound), then narrowed by parabolic steps, each with confirmation points one `resolution` to either side;
-a cell is done when its best α has measured neighbours within `resolution` on both sides, which is the local
-grid spacing the analysis's parabola refinement sees (scaling_lab/analysis/optimum.py), or when the best α is
-the bound itself. Within a law group (one model, scaling rule and learning rate) the smallest and largest ranks
-are searched first from a coarse design across the α range; every other rank starts from the power law fitted to
-the optima found so far (an interpolation), usually needing only its best α and the two confirmation points.
+a cell is done when its best α has measured neighbours within `resolution` on both sides (the local grid spacing
+the analysis's refinement sees), or when the best α is the bound itself. The parabola only chooses where to
+measure; a cell's optimum, as reported and as used to start other ranks, is `fit`'s estimate (cell_optimum,
+group_optima: scaling_lab/analysis/optimum.py's curve_optimum, the asymmetric bowl where the points allow it).
+Within a law group (one model, scaling rule and learning rate) the smallest and largest ranks are searched first
+from a coarse design across the α range; every other rank starts from the power law fitted to the optima found so
+far (an interpolation), usually needing only its best α and the two confirmation points.
 
 Proposed α values lie on a lattice of resolution/4 octaves anchored at the lower bound, so that a search repeated
 on the same results proposes the same α values (and so the same trial ids).
@@ -21,7 +23,14 @@ from typing import Literal
 
 import numpy as np
 
+from scaling_lab.analysis.optimum import CurveOptimum, curve_optimum, shared_shape
+from scaling_lab.objective import metric_column, parabola_vertex, point_value, trial_objective
 from scaling_lab.spec_base import SpecError
+
+__all__ = [  # metric_column, point_value and trial_objective: the objective's rules, for the search's callers
+    "Lattice", "Points", "SearchSettings", "Start", "cell_optimum", "expected_points", "group_optima", "law_start",
+    "metric_column", "next_alphas", "next_step", "point_value", "trial_objective",
+]
 
 LATTICE_PER_RESOLUTION = 4
 GOLDEN = 0.381966  # golden-section fraction of a gap, for steps where no parabola can be trusted
@@ -144,13 +153,8 @@ def _vertex(xs: np.ndarray, ys: np.ndarray) -> float | None:
     """The minimum of the parabola through three points, or None when they do not curve upwards."""
     if not np.isfinite(ys).all():
         return None
-    (x0, x1, x2), (y0, y1, y2) = xs, ys
-    denominator = (x0 - x1) * (x0 - x2) * (x1 - x2)
-    curvature = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denominator
-    if not curvature > 0:
-        return None
-    slope = (x2**2 * (y0 - y1) + x1**2 * (y2 - y0) + x0**2 * (y1 - y2)) / denominator
-    return float(-slope / (2 * curvature))
+    shift, _, curvature = parabola_vertex(xs[0] - xs[1], xs[2] - xs[1], ys[0] - ys[1], ys[2] - ys[1])
+    return float(xs[1] + shift) if curvature > 0 else None
 
 
 def _far_from(x: float, xs, distance: float) -> bool:
@@ -166,19 +170,35 @@ def _new_alphas(xs: list[float], measured, lattice: Lattice) -> list[float]:
     return [lattice.alpha(x) for x in kept]
 
 
-def cell_optimum(points: Points) -> float | None:
-    """log2 α* of a cell as the analysis finds it: the best point, refined by the parabola through it and its two
-    neighbours when both are finite; None when the best point is the lowest or highest measured α (unbracketed)."""
-    measured = sorted((math.log2(alpha), value) for alpha, value in points.items())
-    xs = np.array([x for x, _ in measured])
-    ys = np.array([y for _, y in measured])
-    if not np.isfinite(ys).any():
+def cell_optimum(points: Points, shape: tuple[int, float] | None = None) -> float | None:
+    """log2 α* of a cell as `fit` finds it (scaling_lab/analysis/optimum.py, curve_optimum: the asymmetric bowl
+    fitted around the best point, else the parabola through it and its neighbours, else the best point); None when
+    the best point is the lowest or highest measured α (unbracketed) or no point is finite. `shape`: the bowl
+    shape a cell of four points around its best takes from the others (group_optima finds it)."""
+    curve = _curve(points, shape)
+    return None if curve is None else curve.log_optimum / math.log(2)
+
+
+def group_optima(cells: Mapping[int, Points]) -> dict[int, float | None]:
+    """log2 α* of every cell of a law group (rank → points) as `fit` finds them: as cell_optimum, a cell of four
+    points around its best fitted with the bowl shape that the group's cells of five or more chose."""
+    curves = {rank: _curve(points) for rank, points in cells.items()}
+    shape = shared_shape([curve.shape for curve in curves.values() if curve is not None and curve.shape])
+    optima = {}
+    for rank, curve in curves.items():
+        if curve is not None and curve.needs_shape and shape is not None:
+            curve = _curve(cells[rank], shape)
+        optima[rank] = None if curve is None else curve.log_optimum / math.log(2)
+    return optima
+
+
+def _curve(points: Points, shape: tuple[int, float] | None = None) -> CurveOptimum | None:
+    alphas = sorted(points)
+    means = np.array([points[alpha] for alpha in alphas], dtype=float)
+    if not np.isfinite(means).any():
         return None
-    best = int(np.argmin(ys))
-    if best in (0, len(xs) - 1):
-        return None
-    vertex = _vertex(xs[best - 1 : best + 2], ys[best - 1 : best + 2])
-    return vertex if vertex is not None else float(xs[best])
+    curve = curve_optimum(np.log(np.array(alphas, dtype=float)), means, shape)
+    return None if curve.best in (0, len(alphas) - 1) else curve
 
 
 def law_start(optima: Mapping[int, float], rank: int, resolution: float) -> Start | None:
@@ -209,32 +229,12 @@ def next_step(cells: Mapping[int, Points], lattice: Lattice, settings: SearchSet
     step = {rank: next_alphas(cells[rank], lattice, settings) for rank in ranks if cells[rank] or rank in first}
     if any(step[rank] for rank in first):
         return {rank: alphas for rank, alphas in step.items() if alphas}
-    optima = {rank: x for rank in step if not step[rank] and (x := cell_optimum(cells[rank])) is not None}
+    done = group_optima({rank: cells[rank] for rank in step if not step[rank]})
+    optima = {rank: x for rank, x in done.items() if x is not None}
     for rank in ranks:
         if rank not in step:
             step[rank] = next_alphas({}, lattice, settings, law_start(optima, rank, settings.resolution))
     return {rank: alphas for rank, alphas in step.items() if alphas}
-
-
-def metric_column(metric: str) -> tuple[str, bool]:
-    """The result column the analysis reads for the spec's metric, and whether higher is better."""
-    return ("final_eval_accuracy", True) if metric == "eval_accuracy" else ("final_eval_loss", False)
-
-
-def trial_objective(status: str, value: float | None, maximize: bool) -> float | None:
-    """A finished trial's metric as the analysis minimizes it: +inf when it diverged, was pruned or is not finite;
-    None for a failed trial (error, oom), which the analysis leaves out."""
-    if status in ("error", "oom"):
-        return None
-    if status != "ok" or value is None or not math.isfinite(value):
-        return math.inf
-    return -value if maximize else value
-
-
-def point_value(objectives: list[float | None]) -> float:
-    """The seed-averaged objective of one α, as the analysis takes it: +inf when any seed is +inf or none is usable."""
-    usable = [v for v in objectives if v is not None]
-    return math.inf if not usable or math.inf in usable else sum(usable) / len(usable)
 
 
 def expected_points(n_ranks: int, settings: SearchSettings) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from ray.tune.search import Searcher
 
 from scaling_lab import results
 from scaling_lab.grid import TrialConfig
-from scaling_lab.search.proposals import cell_optimum, next_step
+from scaling_lab.search.proposals import group_optima, next_step
 from scaling_lab.spec import StudySpec
 from scaling_lab.study import runner
 from scaling_lab.search.space import GroupKey, SearchSpace, group_label, read_rows
@@ -91,7 +91,7 @@ class AdaptiveSearcher(Searcher):
 
 
 def _optima(cells: dict) -> str:
-    found = {rank: cell_optimum(points) for rank, points in sorted(cells.items())}
+    found = dict(sorted(group_optima(cells).items()))  # as `fit` finds them
     return "α* " + ", ".join(f"r={r}: {2**x:.4g}" if x is not None else f"r={r}: at an edge" for r, x in found.items())
 
 
