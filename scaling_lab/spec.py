@@ -25,7 +25,6 @@ MODEL_KINDS = ("causal_lm", "seq_cls")
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 SYNTHETIC_TASKS = ("synthetic:markov-shift",)
 BUILTIN_TASKS = ("builtin:stdlib-docstrings",)  # real text generated at run time: scaling_lab/text_tasks.py
-TINY_PREFIX = "tiny:"
 SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 
 
@@ -59,7 +58,7 @@ class ModelSpec:
     revision: str | None = None  # a hub model's branch, tag or commit; part of the trial id
 
     def check(self, path: str) -> None:
-        from scaling_lab.models import check_model_source, is_hub_source
+        from scaling_lab.model_sources import check_model_source, is_hub_source
 
         try:
             check_model_source(self.source)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaling_lab import data, models
+from scaling_lab import data, model_sources, models, safetensors_reader, tiny_models
 from scaling_lab.spec import ModelSpec
 
 
@@ -35,10 +35,10 @@ def oracle_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 def test_tiny_family_spans_ten_fold_in_parameters():
     from transformers import LlamaForCausalLM
 
-    assert list(models.TINY_FAMILY)[:4] == ["xs", "s", "m", "l"]
+    assert list(model_sources.TINY_FAMILY)[:4] == ["xs", "s", "m", "l"]
     counts = []
-    for size in models.TINY_FAMILY:
-        config = models.tiny_config(size)
+    for size in model_sources.TINY_FAMILY:
+        config = tiny_models.tiny_config(size)
         assert config.vocab_size == data.SYNTHETIC_VOCAB_SIZE
         assert config.max_position_embeddings >= 128
         with torch.device("meta"):
@@ -49,7 +49,8 @@ def test_tiny_family_spans_ten_fold_in_parameters():
 
 
 def test_spec_validation_imports_no_torch():
-    code = "import sys, scaling_lab.models, scaling_lab.data; assert not {'torch', 'transformers'} & set(sys.modules)"
+    code = ("import sys, scaling_lab.models, scaling_lab.tiny_models, scaling_lab.data; "
+            "assert not {'torch', 'transformers'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -62,7 +63,7 @@ def test_pretrained_tiny_model_learns_the_chain(size, tiny_cache):
     held_out = data.sample_markov(logits, 128, 64, torch.Generator().manual_seed(12345))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        random_init = LlamaForCausalLM(models.tiny_config(size)).eval()
+        random_init = LlamaForCausalLM(tiny_models.tiny_config(size)).eval()
     pretrained = chain_loss(base.model, held_out)
     assert pretrained < chain_loss(random_init, held_out) - 1.0
     assert pretrained < oracle_loss(logits, held_out) + 0.15
@@ -73,24 +74,24 @@ def test_pretrained_tiny_model_learns_the_chain(size, tiny_cache):
 
 
 def test_cached_tiny_model_is_not_pretrained_again(tiny_cache, monkeypatch):
-    directory = models.ensure_tiny_model("xs", tiny_cache)
+    directory = tiny_models.ensure_tiny_model("xs", tiny_cache)
 
     def no_pretraining(size):
         raise AssertionError("pretrained again")
 
-    monkeypatch.setattr(models, "pretrain_tiny", no_pretraining)
+    monkeypatch.setattr(tiny_models, "pretrain_tiny", no_pretraining)
     monkeypatch.setattr(models, "_memo", {})
-    assert models.ensure_tiny_model("xs", tiny_cache) == directory
+    assert tiny_models.ensure_tiny_model("xs", tiny_cache) == directory
     assert models.load_base(tiny("xs"), tiny_cache).num_params > 0
     assert directory.name.startswith("tiny-xs-") and (directory / "config.json").is_file()
 
 
 def test_fresh_builds_in_different_caches_have_identical_weights(tmp_path, monkeypatch):
-    full_length_name = models.tiny_model_dir("xs", tmp_path).name
-    monkeypatch.setitem(models.TINY_PRETRAINING, "steps", 30)  # determinism, not quality, is tested here
+    full_length_name = tiny_models.tiny_model_dir("xs", tmp_path).name
+    monkeypatch.setitem(tiny_models.TINY_PRETRAINING, "steps", 30)  # determinism, not quality, is tested here
     rng_before, threads_before = torch.random.get_rng_state(), torch.get_num_threads()
-    first = models.ensure_tiny_model("xs", tmp_path / "a")
-    second = models.ensure_tiny_model("xs", tmp_path / "b")
+    first = tiny_models.ensure_tiny_model("xs", tmp_path / "a")
+    second = tiny_models.ensure_tiny_model("xs", tmp_path / "b")
     assert torch.equal(torch.random.get_rng_state(), rng_before) and torch.get_num_threads() == threads_before
     assert first.name == second.name != full_length_name  # the settings are part of the address
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
@@ -104,13 +105,13 @@ def test_concurrent_builds_pretrain_once(tmp_path, monkeypatch):
     def slow_untrained(size):
         calls.append(size)
         time.sleep(0.3)
-        return LlamaForCausalLM(models.tiny_config(size))
+        return LlamaForCausalLM(tiny_models.tiny_config(size))
 
-    monkeypatch.setattr(models, "pretrain_tiny", slow_untrained)
+    monkeypatch.setattr(tiny_models, "pretrain_tiny", slow_untrained)
     directories = []
 
     def build():
-        directories.append(models.ensure_tiny_model("xs", tmp_path))
+        directories.append(tiny_models.ensure_tiny_model("xs", tmp_path))
 
     threads = [threading.Thread(target=build) for _ in range(3)]
     for thread in threads:
@@ -127,10 +128,11 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     def failing(size):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(models, "pretrain_tiny", failing)
+    monkeypatch.setattr(tiny_models, "pretrain_tiny", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
-        models.ensure_tiny_model("xs", tmp_path)
-    assert [p.name for p in (tmp_path / "models").iterdir()] == [models.tiny_model_dir("xs", tmp_path).name + ".lock"]
+        tiny_models.ensure_tiny_model("xs", tmp_path)
+    lock = tiny_models.tiny_model_dir("xs", tmp_path).name + ".lock"
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [lock]
 
 
 def test_the_base_is_shared_and_taking_the_adapter_off_leaves_it_as_loaded(tiny_cache, monkeypatch):
@@ -181,7 +183,7 @@ def _load_partitioned_on_two_workers(rank: int, directory: str, port: int, repor
     zero3 = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     base = models.load_base(ModelSpec(name="m", source=directory), Path(directory) / "cache", "fp32", zero3)
     shares = {name: (p.ds_tensor.numel(), p.ds_numel) for name, p in base.model.named_parameters()}
-    saved = models.SafetensorsReader([Path(directory) / "model.safetensors"])
+    saved = safetensors_reader.SafetensorsReader([Path(directory) / "model.safetensors"])
     equal = {}
     for name, param in base.model.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):
@@ -287,12 +289,12 @@ def test_local_bert_for_sequence_classification(tmp_path, bert_tokenizer, monkey
 
 @pytest.mark.parametrize("source", ["tiny:xs", "tiny:l", "gpt2", "meta-llama/Llama-3.2-1B", "org/name_v1.5"])
 def test_valid_sources_pass(source):
-    models.check_model_source(source)
+    model_sources.check_model_source(source)
 
 
 def test_existing_model_directory_passes(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    models.check_model_source(str(tmp_path))
+    model_sources.check_model_source(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -307,10 +309,10 @@ def test_existing_model_directory_passes(tmp_path):
 )
 def test_bad_sources_raise_one_line_errors(source, message):
     with pytest.raises(ValueError) as error:
-        models.check_model_source(source)
+        model_sources.check_model_source(source)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_model_directory_without_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="has no config.json"):
-        models.check_model_source(str(tmp_path))
+        model_sources.check_model_source(str(tmp_path))
