@@ -77,7 +77,7 @@ class SafetensorsReader:
         if out.dim() != 1 or not out.is_contiguous() or start < 0 or start + out.numel() > self.numel(name):
             raise ValueError(f"{path}: elements {start}..{start + out.numel()} of {name} do not fit its "
                              f"{self.numel(name)} elements, or the destination is not one contiguous row")
-        per_chunk = out.numel() if out.dtype == dtype else max(1, self.CHUNK_BYTES // itemsize)
+        per_chunk = max(1, out.numel() if out.dtype == dtype else self.CHUNK_BYTES // itemsize)
         with open(path, "rb") as handle:
             handle.seek(data_start + entry["data_offsets"][0] + start * itemsize)
             for first in range(0, out.numel(), per_chunk):
