@@ -33,7 +33,7 @@ def build_model(directory: Path, hidden: int, layers: int, seq_len: int) -> None
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from scaling_lab.models import TINY_VOCAB_SIZE
+    from scaling_lab.model_sources import TINY_VOCAB_SIZE
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=TINY_VOCAB_SIZE, hidden_size=hidden, intermediate_size=4 * hidden,
@@ -42,49 +42,84 @@ def build_model(directory: Path, hidden: int, layers: int, seq_len: int) -> None
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
-def study_spec(model_dir: Path, args, gpu: bool, output_dir: Path) -> dict:
+def study_spec(model_dir: Path, args, gpu: bool, output_dir: Path, zero_stage: int = 0,
+               name: str = "gpu-throughput") -> dict:
+    """One trial (LoRA rank 16 on all linear layers) of the model at `model_dir`, on one worker: bf16 on a GPU,
+    fp32 on --cpus cores without one."""
     return {
-        "name": "gpu-throughput",
+        "name": name,
         "models": [{"name": "bench", "source": str(model_dir)}],
         "grid": {"ranks": [16], "alphas": [32], "learning_rates": [1e-4], "seeds": [0]},
         "training": {"steps": args.steps, "batch_size": args.batch, "seq_len": args.seq_len, "eval_every": args.steps,
                      "eval_batches": 1, "diagnostics_every": 0},
-        "deepspeed": {"zero_stage": 0, "precision": "bf16" if gpu else "fp32"},
+        "deepspeed": {"zero_stage": zero_stage, "precision": "bf16" if gpu else "fp32"},
         "execution": {"resources": {"workers": 1, "gpus_per_worker": 1 if gpu else 0, "cpus_per_worker": args.cpus}},
         "output_dir": str(output_dir),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_arguments(parser: argparse.ArgumentParser, steps: int) -> argparse.Namespace:
+    """The model built from config, the trial's shape and the device's peak; parsed."""
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--cpus", type=int, default=4, help="CPUs of the Ray Train worker (and threads without a GPU)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak bf16 TFLOP/s (default: from its name)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def this_device(args) -> tuple[bool, str, float | None]:
+    """Whether a GPU is here, its name (or the CPU's note) and its peak bf16 TFLOP/s where known."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    name = torch.cuda.get_device_name() if gpu else "CPU (no GPU: a check of the code path only)"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if gpu and k in name), None)
+    return gpu, name, peak
+
+
+def run_study(spec: dict, workdir: Path):
+    """`python -m scaling_lab.study run` on `spec` in `workdir`; the trial's row, which must be ok."""
+    from scaling_lab import results
+
+    (workdir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    done = subprocess.run([sys.executable, "-m", "scaling_lab.study", "run", "spec.yaml", "--cache-dir",
+                           str(workdir / "cache")], cwd=workdir, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"study run failed:\n{done.stderr[-3000:]}")
+    row = results.load(Path(spec["output_dir"])).iloc[0]
+    if row["status"] != "ok":
+        raise SystemExit(f"the platform's trial ended {row['status']}: {row['error']}")
+    return row
+
+
+def platform_trial(workdir: Path, args, gpu: bool, zero_stage: int, name: str) -> tuple[dict, object]:
+    """The model built from config in `workdir`, and its one trial run through `study run`: the spec and the row."""
+    build_model(workdir / "model", args.hidden, args.layers, args.seq_len)
+    spec = study_spec(workdir / "model", args, gpu, workdir / "results", zero_stage=zero_stage, name=name)
+    return spec, run_study(spec, workdir)
+
+
+def mfu(model_params: float, tokens_per_s: float, peak: float | None) -> str:
+    """Model FLOP utilization (4 N FLOPs per token), as a phrase; nothing where the peak is unknown."""
+    return f", MFU {4 * model_params * tokens_per_s / (peak * 1e12):.3f}" if peak else ""
+
+
+def main() -> None:
+    args = model_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), steps=50)
 
     import torch
 
-    from scaling_lab import reference_loop, results
+    from scaling_lab import reference_loop
     from scaling_lab import spec as spec_lib
     from scaling_lab.grid import expand
 
-    gpu = torch.cuda.is_available()
-    device_name = torch.cuda.get_device_name() if gpu else "CPU (no GPU: a check of the code path only)"
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if gpu and k in device_name), None)
+    gpu, device_name, peak = this_device(args)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        build_model(workdir / "model", args.hidden, args.layers, args.seq_len)
-        spec = study_spec(workdir / "model", args, gpu, workdir / "results")
-        (workdir / "spec.yaml").write_text(yaml.safe_dump(spec))
-        subprocess.run([sys.executable, "-m", "scaling_lab.study", "run", "spec.yaml", "--cache-dir",
-                        str(workdir / "cache")], cwd=workdir, check=True, capture_output=True, text=True)
-        row = results.load(workdir / "results").iloc[0]
-        if row["status"] != "ok":
-            raise SystemExit(f"the platform's trial ended {row['status']}: {row['error']}")
+        spec, row = platform_trial(workdir, args, gpu, zero_stage=0, name="gpu-throughput")
         if not gpu:
             torch.set_num_threads(args.cpus)
         (config,) = expand(spec_lib.parse(spec))
@@ -95,8 +130,7 @@ def main() -> None:
     print(f"{device_name}; model {row['model_params'] / 1e6:.0f} M parameters, LoRA rank 16 on all linear layers; "
           f"{args.steps} steps of {args.batch} × {args.seq_len} tokens")
     for name, rate in (("bare PyTorch + PEFT loop", bare_rate), ("Ray Train + DeepSpeed", platform_rate)):
-        utilization = f", MFU {4 * row['model_params'] * rate / (peak * 1e12):.3f}" if peak else ""
-        print(f"{name:>25}: {rate:,.0f} tokens/s{utilization}")
+        print(f"{name:>25}: {rate:,.0f} tokens/s{mfu(row['model_params'], rate, peak)}")
     print(f"throughput ratio (platform ÷ bare): {platform_rate / bare_rate:.3f}")
 
 

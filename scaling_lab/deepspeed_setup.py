@@ -23,7 +23,54 @@ def import_deepspeed():
         os.environ["PATH"] = scripts + os.pathsep + path
     import deepspeed  # imported late: importing it where no accelerator is set up has crashed some versions
 
+    _gather_in_place_on_gloo()
     return deepspeed
+
+
+class _Works:
+    """The handles of several asynchronous collectives, awaited as one (what DeepSpeed awaits of an all-gather)."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self) -> bool:
+        for work in self.works:
+            work.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self.works)
+
+
+def _gather_in_place_on_gloo() -> None:
+    """ZeRO-3 gathers each weight with all_gather_into_tensor; on gloo (CPU workers) that stages the whole gathered
+    weight in a second buffer, so every gather of a large weight (a 32k-vocabulary embedding or LM head) cost twice
+    its size at the peak. There, each worker broadcasts its partition straight into its place in the output
+    instead (gloo broadcasts in place). NCCL and other backends gather as before."""
+    import torch.distributed as dist
+    from deepspeed.comm.torch import TorchBackend
+
+    gather = TorchBackend.all_gather_into_tensor
+    if getattr(gather, "in_place_on_gloo", False):
+        return
+
+    def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
+        if dist.get_backend(group) != "gloo" or output_tensor.device.type != "cpu":
+            return gather(self, output_tensor, input_tensor, group=group, async_op=async_op)
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        chunks = output_tensor.view(-1).chunk(size)
+        if chunks[rank].data_ptr() != input_tensor.data_ptr():
+            chunks[rank].copy_(input_tensor.view(-1))
+        works = [dist.broadcast(chunk, src=dist.get_global_rank(group, source) if group is not None else source,
+                                group=group, async_op=True) for source, chunk in enumerate(chunks)]
+        handle = _Works(works)
+        if async_op:
+            return handle
+        handle.wait()
+        return None
+
+    all_gather_into_tensor.in_place_on_gloo = True
+    TorchBackend.all_gather_into_tensor = all_gather_into_tensor
 
 
 def build_deepspeed_ops() -> None:
@@ -58,9 +105,13 @@ def deepspeed_config(config: TrialConfig, world_size: int, model_params: int | N
         # DeepSpeed's defaults (1e9 live parameters, 5e8-element buckets) keep a model of a few billion parameters
         # whole on every worker between its forward and backward pass, and add a 2 GB gradient bucket: at most an
         # eighth of the model is gathered at once here (sized by the model, as transformers' "auto" values are).
+        # A weight is released as soon as its module is done (no reuse distance): otherwise the chunks of the LM
+        # head (scaling_lab/vocab_chunks.py), used again a few chunks later in the backward pass, all stay gathered.
+        # The gradient bucket holds only the adapter's gradients: 5e6 elements (20 MB in fp32) at most.
         # Prefetching is off: with fewer live parameters it left weights in flight (an assertion in DeepSpeed 0.19).
-        live, bucket = max(model_params // 8, 10**6), max(model_params // 16, 10**6)
-        zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=live, stage3_prefetch_bucket_size=0,
+        live = max(model_params // 8, 10**6)
+        bucket = min(max(model_params // 16, 10**6), 5 * 10**6)
+        zero.update(stage3_max_live_parameters=live, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0,
                     reduce_bucket_size=bucket)
     ds = {
         "train_batch_size": batch,

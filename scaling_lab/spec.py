@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import yaml
 
-from scaling_lab.models import check_model_source, is_hub_source
 from scaling_lab.search.proposals import SearchSettings
 from scaling_lab.spec_axes import (
     MODEL_KINDS,
@@ -135,7 +134,6 @@ class StudySpec:
         names = [m.name for m in self.models]
         require(len(set(names)) == len(names), "models", "distinct model names", names)
         for i, model in enumerate(self.models):
-            check_model_source_of(model, f"models[{i}]")
             model.check(f"models[{i}]")
         self.grid.check("grid")
         self.lora.check("lora")
@@ -157,17 +155,6 @@ class StudySpec:
                 "a label column for seq_cls models",
                 self.data.label_column,
             )
-
-
-def check_model_source_of(model: ModelSpec, path: str) -> None:
-    """The model's source names a model (checked without loading anything), and only a hub model has a revision."""
-    try:
-        check_model_source(model.source)
-    except ValueError as exc:
-        raise SpecError(f"{path}.source: {exc}") from None
-    if model.revision is not None:
-        require(is_hub_source(model.source), f"{path}.revision", "null unless the source is a hub id "
-                "(tiny models and local directories have no revisions)", model.revision)
 
 
 def _credentials_in_uri(uri: str) -> bool:

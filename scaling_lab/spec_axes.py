@@ -8,11 +8,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from scaling_lab.spec_base import require
+from scaling_lab.model_sources import TINY_PREFIX, check_model_source, is_hub_source
+from scaling_lab.spec_base import SpecError, require
 
 SCALING_RULES = ("standard", "rslora", "fixed")
 MODEL_KINDS = ("causal_lm", "seq_cls")
-TINY_PREFIX = "tiny:"
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Resources:
 class ModelSpec:
     """One point of the model-size axis: an embedded tiny model (tiny:<size>), a local directory or a hub id.
 
-    Whether the source names a model is checked by the study spec (scaling_lab/spec.py), with scaling_lab/models.py.
+    Whether the source names a model is checked without loading anything (scaling_lab/model_sources.py).
     """
 
     name: str
@@ -44,7 +44,13 @@ class ModelSpec:
     revision: str | None = None  # a hub model's branch, tag or commit; part of the trial id
 
     def check(self, path: str) -> None:
+        try:
+            check_model_source(self.source)
+        except ValueError as exc:
+            raise SpecError(f"{path}.source: {exc}") from None
         if self.revision is not None:
+            require(is_hub_source(self.source), f"{path}.revision", "null unless the source is a hub id "
+                    "(tiny models and local directories have no revisions)", self.revision)
             require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}", self.revision) is not None,
                     f"{path}.revision", "a branch, tag or commit hash", self.revision)
         require(self.num_labels >= 2, f"{path}.num_labels", "an integer >= 2", self.num_labels)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling_lab import data, models, results, spec as spec_lib, text_tasks
+from scaling_lab import data, model_sources, results, spec as spec_lib, text_tasks
 from scaling_lab.grid import expand
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_a_missing_text_column_is_named_before_any_compute():
 
 def test_a_missing_package_is_one_line_with_the_install_command():
     with pytest.raises(ValueError) as error:
-        models.check_model_source("package:scaling_lab_no_such_model")
+        model_sources.check_model_source("package:scaling_lab_no_such_model")
     message = str(error.value)
     assert message == ("package 'scaling_lab_no_such_model' is not installed; "
                        "install it with: python -m pip install scaling-lab-no-such-model")
@@ -85,16 +85,16 @@ def test_a_missing_package_is_one_line_with_the_install_command():
 
 def test_a_package_without_a_model_folder_is_rejected():
     with pytest.raises(ValueError, match=r"^model directory 'package:json' has no config.json$"):
-        models.check_model_source("package:json")  # a package, but no config.json inside it
+        model_sources.check_model_source("package:json")  # a package, but no config.json inside it
 
 
 @needs_minilm
 def test_the_minilm_package_resolves_to_its_model_folder():
-    folder = models.package_model_directory(MINILM)
+    folder = model_sources.package_model_directory(MINILM)
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
-    assert models.package_model_directory(MINILM + "/model") == folder
-    assert models.model_location(MINILM) == str(folder)
-    models.check_model_source(MINILM)
+    assert model_sources.package_model_directory(MINILM + "/model") == folder
+    assert model_sources.model_location(MINILM) == str(folder)
+    model_sources.check_model_source(MINILM)
 
 
 # ---- the study, scaled down (tier 3: PEFT + DeepSpeed on CPU, a few seconds) ----

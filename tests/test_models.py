@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaling_lab import data, models
+from scaling_lab import data, model_sources, models, safetensors_reader, tiny_models
 from scaling_lab.spec import ModelSpec
 
 
@@ -35,10 +35,10 @@ def oracle_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 def test_tiny_family_spans_ten_fold_in_parameters():
     from transformers import LlamaForCausalLM
 
-    assert list(models.TINY_FAMILY)[:4] == ["xs", "s", "m", "l"]
+    assert list(model_sources.TINY_FAMILY)[:4] == ["xs", "s", "m", "l"]
     counts = []
-    for size in models.TINY_FAMILY:
-        config = models.tiny_config(size)
+    for size in model_sources.TINY_FAMILY:
+        config = tiny_models.tiny_config(size)
         assert config.vocab_size == data.SYNTHETIC_VOCAB_SIZE
         assert config.max_position_embeddings >= 128
         with torch.device("meta"):
@@ -49,7 +49,8 @@ def test_tiny_family_spans_ten_fold_in_parameters():
 
 
 def test_spec_validation_imports_no_torch():
-    code = "import sys, scaling_lab.models, scaling_lab.data; assert not {'torch', 'transformers'} & set(sys.modules)"
+    code = ("import sys, scaling_lab.models, scaling_lab.tiny_models, scaling_lab.data; "
+            "assert not {'torch', 'transformers'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -62,7 +63,7 @@ def test_pretrained_tiny_model_learns_the_chain(size, tiny_cache):
     held_out = data.sample_markov(logits, 128, 64, torch.Generator().manual_seed(12345))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        random_init = LlamaForCausalLM(models.tiny_config(size)).eval()
+        random_init = LlamaForCausalLM(tiny_models.tiny_config(size)).eval()
     pretrained = chain_loss(base.model, held_out)
     assert pretrained < chain_loss(random_init, held_out) - 1.0
     assert pretrained < oracle_loss(logits, held_out) + 0.15
@@ -73,24 +74,24 @@ def test_pretrained_tiny_model_learns_the_chain(size, tiny_cache):
 
 
 def test_cached_tiny_model_is_not_pretrained_again(tiny_cache, monkeypatch):
-    directory = models.ensure_tiny_model("xs", tiny_cache)
+    directory = tiny_models.ensure_tiny_model("xs", tiny_cache)
 
     def no_pretraining(size):
         raise AssertionError("pretrained again")
 
-    monkeypatch.setattr(models, "pretrain_tiny", no_pretraining)
+    monkeypatch.setattr(tiny_models, "pretrain_tiny", no_pretraining)
     monkeypatch.setattr(models, "_memo", {})
-    assert models.ensure_tiny_model("xs", tiny_cache) == directory
+    assert tiny_models.ensure_tiny_model("xs", tiny_cache) == directory
     assert models.load_base(tiny("xs"), tiny_cache).num_params > 0
     assert directory.name.startswith("tiny-xs-") and (directory / "config.json").is_file()
 
 
 def test_fresh_builds_in_different_caches_have_identical_weights(tmp_path, monkeypatch):
-    full_length_name = models.tiny_model_dir("xs", tmp_path).name
-    monkeypatch.setitem(models.TINY_PRETRAINING, "steps", 30)  # determinism, not quality, is tested here
+    full_length_name = tiny_models.tiny_model_dir("xs", tmp_path).name
+    monkeypatch.setitem(tiny_models.TINY_PRETRAINING, "steps", 30)  # determinism, not quality, is tested here
     rng_before, threads_before = torch.random.get_rng_state(), torch.get_num_threads()
-    first = models.ensure_tiny_model("xs", tmp_path / "a")
-    second = models.ensure_tiny_model("xs", tmp_path / "b")
+    first = tiny_models.ensure_tiny_model("xs", tmp_path / "a")
+    second = tiny_models.ensure_tiny_model("xs", tmp_path / "b")
     assert torch.equal(torch.random.get_rng_state(), rng_before) and torch.get_num_threads() == threads_before
     assert first.name == second.name != full_length_name  # the settings are part of the address
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
@@ -104,13 +105,13 @@ def test_concurrent_builds_pretrain_once(tmp_path, monkeypatch):
     def slow_untrained(size):
         calls.append(size)
         time.sleep(0.3)
-        return LlamaForCausalLM(models.tiny_config(size))
+        return LlamaForCausalLM(tiny_models.tiny_config(size))
 
-    monkeypatch.setattr(models, "pretrain_tiny", slow_untrained)
+    monkeypatch.setattr(tiny_models, "pretrain_tiny", slow_untrained)
     directories = []
 
     def build():
-        directories.append(models.ensure_tiny_model("xs", tmp_path))
+        directories.append(tiny_models.ensure_tiny_model("xs", tmp_path))
 
     threads = [threading.Thread(target=build) for _ in range(3)]
     for thread in threads:
@@ -127,10 +128,11 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     def failing(size):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(models, "pretrain_tiny", failing)
+    monkeypatch.setattr(tiny_models, "pretrain_tiny", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
-        models.ensure_tiny_model("xs", tmp_path)
-    assert [p.name for p in (tmp_path / "models").iterdir()] == [models.tiny_model_dir("xs", tmp_path).name + ".lock"]
+        tiny_models.ensure_tiny_model("xs", tmp_path)
+    lock = tiny_models.tiny_model_dir("xs", tmp_path).name + ".lock"
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [lock]
 
 
 def test_the_base_is_shared_and_taking_the_adapter_off_leaves_it_as_loaded(tiny_cache, monkeypatch):
@@ -167,26 +169,38 @@ def test_the_base_loads_in_the_training_precision(tiny_cache, monkeypatch):
     assert models.load_base(tiny("xs"), tiny_cache) is not base  # another precision: another base
 
 
-def _load_partitioned_on_two_workers(rank: int, directory: str, port: int, report: str) -> None:
+def _load_partitioned_on_two_workers(rank: int, directory: str, port: int, report: str, chunked: bool) -> None:
     import json
     import os
 
     import torch.distributed as dist
 
+    from scaling_lab import vocab_chunks
+    from scaling_lab.deepspeed_setup import import_deepspeed
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    import deepspeed
+    deepspeed = import_deepspeed()  # as a trial imports it: gathers on gloo in place
+    if chunked:
+        vocab_chunks.MIN_CHUNKED_ELEMENTS = 0
 
     zero3 = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     base = models.load_base(ModelSpec(name="m", source=directory), Path(directory) / "cache", "fp32", zero3)
     shares = {name: (p.ds_tensor.numel(), p.ds_numel) for name, p in base.model.named_parameters()}
-    saved = models.SafetensorsReader([Path(directory) / "model.safetensors"])
+    saved = safetensors_reader.SafetensorsReader([Path(directory) / "model.safetensors"])
     equal = {}
     for name, param in base.model.named_parameters():
+        stored, _, index = name.partition(".chunks.")  # a chunk: rows of the saved weight
+        expected = saved.read(stored + ".weight" if index else name)
+        if index:
+            rows = vocab_chunks.split(len(expected), vocab_chunks.CHUNKS)
+            expected = expected.split(rows)[int(index.split(".")[0])]
         with deepspeed.zero.GatheredParameters([param]):
-            equal[name] = torch.equal(param.data, saved.read(name))
-    Path(report, f"{rank}.json").write_text(json.dumps({"shares": shares, "equal": equal,
+            equal[name] = torch.equal(param.data, expected)
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(base.model.parameters())):
+        logits = base.model(input_ids=torch.arange(90).reshape(2, 45)).logits
+    Path(report, f"{rank}.json").write_text(json.dumps({"shares": shares, "equal": equal, "logits": logits.tolist(),
                                                          "num_params": base.num_params}))
     dist.destroy_process_group()
     # At interpreter exit a thread of DeepSpeed's CPU comm op is sometimes destroyed while running, which aborts
@@ -194,29 +208,96 @@ def _load_partitioned_on_two_workers(rank: int, directory: str, port: int, repor
     os._exit(0)
 
 
-def test_zero3_partitions_every_weight_as_it_loads(tmp_path):
-    """Under ZeRO-3 each of 2 workers holds half of every weight from the start; gathered, they are the file's."""
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "vocabulary-in-chunks"])
+def test_zero3_partitions_every_weight_as_it_loads(tmp_path, chunked):
+    """Under ZeRO-3 each of 2 workers holds half of every weight from the start, read from the file by itself;
+    gathered, they are the file's, and the model computes the saved model's logits (its embedding and LM head in
+    chunks where they are large: scaling_lab/vocab_chunks.py)."""
     import json
     import socket
 
     import torch.multiprocessing as mp
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    from scaling_lab import vocab_chunks
+
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    saved = LlamaForCausalLM(config)
+    saved = LlamaForCausalLM(config).eval()
     saved.save_pretrained(tmp_path / "llama")
+    with torch.no_grad():
+        expected_logits = saved(input_ids=torch.arange(90).reshape(2, 45)).logits
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_load_partitioned_on_two_workers, args=(str(tmp_path / "llama"), port, str(tmp_path)), nprocs=2)
+    mp.spawn(_load_partitioned_on_two_workers, args=(str(tmp_path / "llama"), port, str(tmp_path), chunked), nprocs=2)
+    names = {name for name, _ in saved.named_parameters()}
+    if chunked:
+        chunks = len(vocab_chunks.split(config.vocab_size, vocab_chunks.CHUNKS))
+        names = {name for name in names if name not in ("model.embed_tokens.weight", "lm_head.weight")} | {
+            f"{layer}.chunks.{index}.weight" for layer in ("model.embed_tokens", "lm_head") for index in range(chunks)}
     for rank in (0, 1):
         report = json.loads((tmp_path / f"{rank}.json").read_text())
         assert report["num_params"] == sum(p.numel() for p in saved.parameters())
-        assert set(report["shares"]) == {name for name, _ in saved.named_parameters()}
+        assert set(report["shares"]) == names
         for name, (share, whole) in report["shares"].items():
             assert share == -(-whole // 2), name  # each worker holds its half of the weight, padded
         assert all(report["equal"].values())
+        torch.testing.assert_close(torch.tensor(report["logits"]), expected_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_partition_range_is_deepspeeds_layout():
+    """Worker r's ZeRO-3 partition of a weight of n elements: elements r·P ... (r+1)·P-1, P = ceil(n / workers),
+    the last one padded (DeepSpeed's _partition_param)."""
+    assert [models.partition_range(10, 4, rank) for rank in range(3)] == [(0, 4), (4, 4), (8, 2)]
+    assert [models.partition_range(2, 1, rank) for rank in range(3)] == [(0, 1), (1, 1), (2, 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ranges_of_a_checkpoint_tensor_read_straight_into_their_destination(tmp_path, monkeypatch, dtype):
+    from safetensors.torch import save_file
+
+    weight = torch.randn(37, 11)
+    save_file({"w": weight, "empty": torch.empty(0)}, tmp_path / "model.safetensors")
+    reader = safetensors_reader.SafetensorsReader([tmp_path / "model.safetensors"])
+    monkeypatch.setattr(reader, "CHUNK_BYTES", 64)  # many chunks where the dtype is converted
+    out = torch.full((150,), -1.0, dtype=dtype)
+    reader.read_range("w", 100, out)
+    assert torch.equal(out, weight.flatten()[100:250].to(dtype))
+    whole = torch.empty(37, 11, dtype=dtype)
+    reader.read_into("w", whole)
+    assert torch.equal(whole, weight.to(dtype))
+    reader.read_into("empty", torch.empty(0, dtype=dtype))
+    with pytest.raises(ValueError, match="do not fit"):
+        reader.read_range("w", 400, torch.empty(8))
+
+
+def test_chunked_vocabulary_layers_compute_what_the_whole_layers_compute(monkeypatch):
+    """Without ZeRO-3 too: the chunked embedding looks up the same rows, the chunked head gives the same logits,
+    and PEFT's all-linear targets leave the chunks alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scaling_lab import vocab_chunks
+
+    monkeypatch.setattr(vocab_chunks, "MIN_CHUNKED_ELEMENTS", 0)
+    config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    whole = LlamaForCausalLM(config).eval()
+    chunked = LlamaForCausalLM(config).eval()
+    sources = vocab_chunks.chunk_vocabulary_layers(chunked, torch.float32)
+    state = whole.state_dict()
+    with torch.no_grad():
+        for name, param in chunked.named_parameters():
+            stored, first_row = sources.get(name, (name, 0))
+            param.copy_(state[stored][first_row : first_row + len(param)] if name in sources else state[name])
+    input_ids = torch.tensor([[0, 100, 13, 14, 26, 27, 52, 99]])
+    assert torch.equal(chunked.get_input_embeddings()(input_ids), whole.get_input_embeddings()(input_ids))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(input_ids=input_ids).logits, whole(input_ids=input_ids).logits)
+    targets = LoraConfig(r=2, target_modules="all-linear")
+    adapted = {name for name, _ in get_peft_model(chunked, targets).named_modules() if name.endswith("lora_A")}
+    assert adapted and not any("chunks" in name for name in adapted)
 
 
 def test_tiny_models_are_causal_only(tiny_cache):
@@ -287,12 +368,12 @@ def test_local_bert_for_sequence_classification(tmp_path, bert_tokenizer, monkey
 
 @pytest.mark.parametrize("source", ["tiny:xs", "tiny:l", "gpt2", "meta-llama/Llama-3.2-1B", "org/name_v1.5"])
 def test_valid_sources_pass(source):
-    models.check_model_source(source)
+    model_sources.check_model_source(source)
 
 
 def test_existing_model_directory_passes(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    models.check_model_source(str(tmp_path))
+    model_sources.check_model_source(str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -307,10 +388,10 @@ def test_existing_model_directory_passes(tmp_path):
 )
 def test_bad_sources_raise_one_line_errors(source, message):
     with pytest.raises(ValueError) as error:
-        models.check_model_source(source)
+        model_sources.check_model_source(source)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_model_directory_without_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="has no config.json"):
-        models.check_model_source(str(tmp_path))
+        model_sources.check_model_source(str(tmp_path))

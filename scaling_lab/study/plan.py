@@ -26,7 +26,7 @@ def parameter_count(model: ModelSpec) -> int | None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
-        from scaling_lab.models import TINY_FAMILY, model_location
+        from scaling_lab.model_sources import TINY_FAMILY, model_location
 
         if model.source.startswith("tiny:"):
             config = LlamaConfig(**TINY_FAMILY[model.source.removeprefix("tiny:")])
