@@ -18,8 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scaling_lab import checkpoint, diagnostics, models
-from scaling_lab import data as data_lib
+from scaling_lab import checkpoint, data as data_lib, diagnostics, models
 from scaling_lab.deepspeed_setup import clips_outside_deepspeed, deepspeed_config, import_deepspeed, micro_batch_size
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
@@ -189,10 +188,11 @@ def setup(config: TrialConfig, cache_dir: Path, base_dir: Path) -> Iterator[Run]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    # The base is loaded before seeding; the seed then fixes LoRA's initialization and the batch order.
+    # The base is loaded before seeding; the seed then fixes LoRA's initialization and dropout's draws.
     # Under ZeRO-3 it is loaded partitioned, as the engine's config says; that config's buffers are then sized to it.
-    zero3_config = deepspeed_config(config, world_size) if config.deepspeed.zero_stage == 3 else None
-    base = models.load_base(config.model, cache_dir, config.deepspeed.precision, zero3_config)
+    loading_config = deepspeed_config(config, world_size)
+    base = models.load_base(config.model, cache_dir, config.deepspeed.precision,
+                            loading_config if config.deepspeed.zero_stage == 3 else None)
     ds_config = deepspeed_config(config, world_size, model_params=base.num_params)
     # The data is tokenized with the base's tokenizer, or drawn over its vocabulary.
     started_data = time.perf_counter()
