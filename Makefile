@@ -1,6 +1,9 @@
 # Two commands for a fresh machine:
 #   make demo   installs, runs the embedded default study, fits the law
 #   make test   installs, runs the test suite (what .ci/run calls)
+# While working:
+#   make lint       ruff (configured in pyproject.toml) over the package, the tests and the benchmarks
+#   make test-fast  the tests that need neither Ray nor real training (markers ray and real deselected)
 # Options: make install PYTHON=python3.12 TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
 SUPPORTED_PYTHON := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))
@@ -19,7 +22,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test
+.PHONY: install demo test lint test-fast
 
 install: $(STAMP)
 
@@ -51,3 +54,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+lint: install
+	$(PY) -m ruff check scaling_lab tests benchmarks
+
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not ray and not real"

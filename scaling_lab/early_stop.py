@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from scaling_lab.analysis.bowl import POINTS_PER_SIDE
+from scaling_lab.spec_base import SpecError
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,6 @@ class EarlyStopSettings:
     min_step: int = 20  # ... at an eval step no earlier than this
 
     def check(self, path: str) -> None:
-        from scaling_lab.spec import SpecError  # spec.py imports this module
-
         if not (self.margin >= 0 and math.isfinite(self.margin)):
             raise SpecError(f"{path}.margin: expected a number >= 0, got {self.margin!r}")
         if self.min_step < 1:

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from scaling_lab.build_once import build_once
-from scaling_lab.spec import TINY_PREFIX
+from scaling_lab.spec_axes import TINY_PREFIX
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedModel
 
-    from scaling_lab.spec import ModelSpec
+    from scaling_lab.spec_axes import ModelSpec
 
 TINY_VOCAB_SIZE = 64  # the synthetic tasks' alphabet, data.SYNTHETIC_VOCAB_SIZE
 
@@ -371,7 +371,7 @@ def tiny_config(size: str) -> LlamaConfig:
 
 def tiny_model_dir(size: str, cache_dir: Path) -> Path:
     """cache_dir/models/tiny-<size>-<hash of everything that determines the pretrained weights>."""
-    from scaling_lab import data
+    from scaling_lab import markov_task as data
 
     config = tiny_config(size).to_dict()
     for incidental in ("transformers_version", "_name_or_path"):
@@ -420,7 +420,7 @@ def pretrain_tiny(size: str) -> PreTrainedModel:
     import torch
     from transformers import LlamaForCausalLM
 
-    from scaling_lab import data
+    from scaling_lab import markov_task as data
 
     settings = TINY_PRETRAINING
     with torch.random.fork_rng(devices=[]):

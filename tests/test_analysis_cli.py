@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from scaling_lab import results
+from scaling_lab.analysis import methods
 from scaling_lab.analysis.__main__ import main
 from scaling_lab.analysis.planted import planted_trials, power_law
 
@@ -53,6 +54,10 @@ def test_fit_writes_law_report_and_plots(study_dir, capsys):
     for plot in ("metric_vs_alpha.png", "alpha_vs_rank.png", "residuals.png"):
         assert f"]({plot})" in report
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    method = report.split("## Method\n", 1)[1].split("## Provenance", 1)[0]
+    values = {"n_bootstrap": 100, "tolerance": 0.0025, "edge_policy": methods.EDGE_OPTIMA_LEFT_OUT}
+    for text in methods.METHOD_PARTS:
+        assert report.count(text.format(**values)) == 1 and text.format(**values) in method
 
 
 def test_convention_is_stated_and_converted(study_dir, tmp_path, capsys):
@@ -133,7 +138,7 @@ def test_analysis_imports_no_training_stack(tmp_path):
 
         sys.meta_path.insert(0, Block())
         import scaling_lab.analysis, scaling_lab.analysis.report, scaling_lab.analysis.plots
-        import scaling_lab.analysis.adapter, scaling_lab.analysis.verification
+        import scaling_lab.analysis.adapter, scaling_lab.analysis.verification, scaling_lab.analysis.terminal
         from scaling_lab.analysis.__main__ import main
         assert main(["fit", {str(csv)!r}, "--bootstrap", "20"]) == 0
         loaded = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
@@ -239,3 +244,9 @@ def test_learning_rate_law_under_a_fixed_scale_with_no_flag(tmp_path, capsys):
     row = next(line for line in (tmp_path / "out/report.md").read_text().splitlines()
                if line.startswith("| model=planted, scaling_rule=fixed, alpha=2 |"))
     assert row.endswith("| -0.5 | yes |")  # μA's exponent for a fixed scale, inside the law's interval
+
+
+def test_plain_method_text_drops_emphasis_and_keeps_the_optimum_stars():
+    assert methods.plain("**Law.** *α slope*: at (α·lr)* and α*, lr* ∝ r^-1/4; **ridge** or *undecided*.") == (
+        "Law. α slope: at (α·lr)* and α*, lr* ∝ r^-1/4; ridge or undecided."
+    )

@@ -128,7 +128,7 @@ def test_fit_reports_the_equivalence_in_the_terminal_law_json_and_report(two_kin
     block = json.loads((tmp_path / "law.json").read_text())["alpha_learning_rate_equivalence"]
     verdicts = {cell["model"]: cell["verdict"] for cell in block["cells"]}
     assert verdicts == {"ridge": "ridge", "alpha-dominant": "alpha_effect"}
-    assert block["test"]["tolerance_relative"] == TOLERANCE
+    assert block["test"]["tolerance_relative"] == TOLERANCE and "F-test: is any α effect" in block["test"]["method"]
     report = (tmp_path / "report.md").read_text()
     assert "## α and learning rate: one knob or two?" in report and "](alpha_lr_surface.png)" in report
     assert (tmp_path / "alpha_lr_surface.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -138,6 +138,7 @@ def test_equivalence_command(two_kinds_csv, tmp_path, capsys):
     assert main(["equivalence", str(two_kinds_csv), "--bootstrap", "100"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["ridge", "8", "α·lr", "ridge"] in [row[:4] for row in rows]
+    assert ["Verdict,", "an", "equivalence", "test"] in [row[:4] for row in rows]  # methods.EQUIVALENCE_VERDICT
     no_grid = tmp_path / "no_grid.csv"
     planted_trials(power_law(16.0, 0.5), ranks=(1, 4, 16), seeds=1).to_csv(no_grid, index=False)
     assert main(["equivalence", str(no_grid)]) == 2

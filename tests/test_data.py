@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from scaling_lab import data
+from scaling_lab import data, data_sources
 from scaling_lab.data import IGNORE_INDEX, DataError
 from scaling_lab.spec import DataSpec, TrainingSettings
 from conftest import WORDS
@@ -435,7 +435,7 @@ class TokenizerCalls:
 
 def test_only_the_rows_trials_read_are_tokenized_after_filters_see_every_row(tmp_path, causal_tokenizer,
                                                                            monkeypatch):
-    monkeypatch.setattr(data, "SOURCE_CHUNK_ROWS", 64)  # the source is scanned in many chunks
+    monkeypatch.setattr(data_sources, "SOURCE_CHUNK_ROWS", 64)  # the source is scanned in many chunks
     write_table(numbered_rows(2000), tmp_path / "numbered.jsonl")
     spec = DataSpec(source="numbered.jsonl", text_column="text", min_words=5)  # keeps every fourth row: 500 rows
     everything = load(spec, causal_tokenizer, tmp_path, seq_len=8)
@@ -539,7 +539,7 @@ def test_padding_per_batch_gives_the_loss_of_padding_to_seq_len(tmp_path, causal
 
 
 def test_empty_values_anywhere_in_the_source_are_reported_with_their_row(tmp_path, causal_tokenizer, monkeypatch):
-    monkeypatch.setattr(data, "SOURCE_CHUNK_ROWS", 64)
+    monkeypatch.setattr(data_sources, "SOURCE_CHUNK_ROWS", 64)
     rows = numbered_rows(300)
     rows[150]["text"] = rows[250]["text"] = None
     write_table(rows, tmp_path / "gaps.jsonl")

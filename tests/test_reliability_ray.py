@@ -23,6 +23,7 @@ from simulated_cluster import simulated_cluster
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
+KILL_DELAY_SEED = 15  # the delays before the driver kills: the same on every run
 
 SPEC = {
     "name": "rel",
@@ -127,7 +128,7 @@ def test_a_driver_killed_at_random_points_loses_and_duplicates_nothing(tmp_path)
     """The driver alone, then its whole process tree (benchmarks/faults.py adds its process group alone)."""
     spec_path = write_spec(tmp_path, {**SPEC, "execution": {**SPEC["execution"], "trials_per_group": 9}})
     rows = tmp_path / "results/rel" / results.TRIALS
-    rng = random.Random()
+    rng = random.Random(KILL_DELAY_SEED)
     finished_before_a_kill: dict[str, int] = {}
     for what in ("driver", "machine"):
         driver = start("run", str(spec_path), cwd=tmp_path)

@@ -125,3 +125,30 @@ def test_a_dataset_revision_is_for_hub_datasets_and_ids_without_it_are_unchanged
     assert expand(pinned)[0].trial_id != expand(unpinned)[0].trial_id
     with pytest.raises(SpecError, match=r"^data.revision: expected null unless source is hf:<dataset id>"):
         spec_lib.parse({**MINIMAL, "data": {"revision": "v1.0"}})
+
+
+def test_names_of_the_split_sections_are_importable_from_spec():
+    from scaling_lab import spec_axes, spec_base, spec_data, spec_training
+
+    for name in spec_lib.__all__:
+        assert hasattr(spec_lib, name), name
+    assert spec_lib.SpecError is spec_base.SpecError and spec_lib.build is spec_base.build
+    assert (spec_lib.ModelSpec, spec_lib.DataSpec, spec_lib.TrainingSettings) == (
+        spec_axes.ModelSpec, spec_data.DataSpec, spec_training.TrainingSettings)
+
+
+def test_a_model_source_is_checked_with_the_spec():
+    with pytest.raises(SpecError, match=r"models\[0\].source: unknown tiny model size 'huge'"):
+        spec_lib.parse(with_change("models.0.source", "tiny:huge"))
+    with pytest.raises(SpecError, match=r"models\[0\].revision: expected null unless the source is a hub id"):
+        spec_lib.parse(with_change("models.0.revision", "main"))
+    assert spec_lib.parse(with_change("models.0", {"name": "h", "source": "org/name", "revision": "v1"}))
+
+
+def test_injected_faults_are_built_checked_and_round_trip():
+    faults = {"backend": "simulated", "inject_faults": [{"kind": "crash", "ranks": [1], "at_step": 3}]}
+    spec = spec_lib.parse(with_change("execution", faults))
+    assert spec.execution.inject_faults == (spec_lib.FaultInjection(kind="crash", at_step=3, ranks=(1,)),)
+    assert spec_lib.parse(yaml.safe_load(spec_lib.dump(spec))) == spec
+    with pytest.raises(SpecError, match=r"execution.inject_faults\[0\].at_step: expected an integer >= 1, got 0"):
+        spec_lib.parse(with_change("execution", {**faults, "inject_faults": [{"kind": "nan", "at_step": 0}]}))

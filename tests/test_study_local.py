@@ -33,14 +33,29 @@ def write_spec(tmp_path: Path, data: dict) -> Path:
     return path
 
 
+def commit_all(directory: Path) -> str:
+    """Make `directory` a git checkout with one commit of what it holds; the commit's hash."""
+    identity = ["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *identity, *args], cwd=directory, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "the study")
+    return git("rev-parse", "HEAD")
+
+
 def test_run_resume_and_extend(tmp_path):
     spec = write_spec(tmp_path, SPEC)
+    commit = commit_all(tmp_path)  # every row records the commit of the checkout the study ran from
     first = study("run", str(spec), cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     frame = results.load(tmp_path / "results/sim")
     assert len(frame) == 3 * 7 * 2 and frame["trial_id"].is_unique
     assert set(frame["status"]) == {"ok", "diverged"}
-    assert frame["git_commit"].notna().all() or frame["git_commit"].isna().all()
+    assert (frame["git_commit"] == commit).all(), set(frame["git_commit"])
     assert (frame["attempts"] == 1).all()
     diverged = frame[frame["status"] == "diverged"]
     assert diverged["last_finite_train_loss"].notna().all()

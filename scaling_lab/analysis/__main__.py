@@ -24,15 +24,15 @@ from scaling_lab.analysis.adapter import (
 from scaling_lab.analysis.conventions import CONVENTION_EXPONENTS
 from scaling_lab.analysis.equivalence import MIN_AXIS_VALUES
 from scaling_lab.analysis.fit import AnalysisError, FitSettings, fit_study, predict
+from scaling_lab.analysis.law_json import law_document
 from scaling_lab.analysis.load import DEFAULT_METRIC, load_results
 from scaling_lab.analysis.powerlaw import SIZE_MEASURES
-from scaling_lab.analysis.report import (
+from scaling_lab.analysis.report import write_outputs
+from scaling_lab.analysis.terminal import (
     format_equivalence,
     format_predictions,
     format_stored_predictions,
     format_terminal,
-    law_document,
-    write_outputs,
 )
 from scaling_lab.results import ResultsError
 

@@ -1,33 +1,12 @@
 """Is the metric a function of α·lr alone? The α-versus-learning-rate equivalence test, per model and rank.
 
-Why it might be. With B initialised to zero and A independent of α, the multiplier s on B·A scales B's gradient
-by s, which Adam's normalisation cancels (for gradients well above ε): training B at learning rate lr under the
-multiplier s moves s·B exactly as training it at learning rate s·lr under the multiplier 1. At a fixed rank
-s ∝ α, so B's contribution to the update s·B·A depends on α·lr alone. A moves at lr itself, and Adam's ε, weight
-decay (lr·λ) and gradient clipping (of gradients that grow with s) also see α and lr apart: they are what can
-give α an effect of its own, as LoRA-α claims.
-
-What is tested, per model and rank, on an α × learning-rate grid (at least 3 values of each). In
-u = log₂(α·lr) and v = log₂ α (raising v at fixed u doubles α and halves the learning rate):
-  ridge model   metric = g(u)                          g a cubic spline in u, a knot per doubling
-  full model    metric = g(u) + a·v + b·u·v + c·v²     α's own effect: a slope, a shift of the best α·lr
-                                                       with α, a curvature
-both fitted by least squares to the trials of the finite (never diverged) grid points whose α·lr lies within a
-factor 2³ of the best measured point's, so that the cliff before divergence does not bend the fit. A flexible g matters:
-a parabola in u fitted to a ridge that rises faster above its optimum than below leaves residuals that the α
-terms pick up, and with many seeds a test of a quadratic surface rejects every such ridge.
-
-What is reported:
-- the F-test of the nested models (3 and N − p degrees of freedom): is any α effect detectable at all?
-- the α slope: the metric's change per doubling of α at fixed α·lr, at the fitted optimum's α·lr;
-- the ridge spread: along the line α·lr = (α·lr)* through the fitted optimum, across the α range the finite grid
-  covers on it, the largest minus the smallest value of the α terms: what choosing α costs once α·lr is right;
-- the verdict, an equivalence test on the spread against the near-optimal tolerance t·|best metric|: "ridge"
-  when its 95% upper bound is below it, "alpha_effect" when its lower bound is above it, otherwise "undecided".
-  A significant F-test with a spread below tolerance is an α effect too small to matter.
-Intervals (95%) are, on each side, the wider of a bootstrap over seeds (each resample refits the surface) and
-the fit's own covariance (a t interval for the slope; normal draws of a, b, c for the spread), which counts
-lack of fit as well as seed noise.
+The hypothesis, the two models compared, the α slope, the ridge spread and the verdict are stated in
+methods.EQUIVALENCE_HYPOTHESIS, EQUIVALENCE_TEST and EQUIVALENCE_VERDICT (the texts report.md prints). Choices
+made here: the fit window (α·lr within 2^WINDOW_DOUBLINGS of the best measured point's) keeps the cliff before
+divergence from bending the fit; g is a cubic spline with a knot per doubling because a parabola in u, fitted to a
+ridge that rises faster above its optimum than below, leaves residuals that the α terms pick up, and with many
+seeds a test of a quadratic surface rejects every such ridge. The fit's own covariance enters the intervals as a
+t interval for the slope and as normal draws of a, b, c for the spread.
 """
 
 from __future__ import annotations
@@ -342,7 +321,8 @@ def _test_cell(
     if window.sum() < MIN_POINTS:
         return replace(
             base,
-            reason=f"{window.sum()} finite points within 2^{WINDOW_DOUBLINGS:g}× of the best α·lr, fewer than {MIN_POINTS}",
+            reason=f"{window.sum()} finite points within 2^{WINDOW_DOUBLINGS:g}× of the best α·lr, "
+            f"fewer than {MIN_POINTS}",
         )
     fit = _fit_surface(grid, window, means, counts)
     if isinstance(fit, str):

@@ -1,10 +1,7 @@
 """The rules the field argues about, tested against a fitted law side by side.
 
 For each rule (a fixed exponent k0): does the law's 95% interval for k exclude it, and what does following the
-rule's best-fitting version (c fitted with k = k0) cost in the metric, compared with each cell's own optimum?
-The cost is held out: the rule's c is fitted on all ranks but one, the metric is read at the predicted optimum of
-the left-out rank (interpolated linearly in log α between measured points), and this is repeated for each rank.
-The fitted law itself is scored the same way, as the baseline a rule can at best match.
+rule's best-fitting version cost in the metric, held out rank by rank (methods.RULES, the text report.md prints)?
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Checking a law out of sample: fit it without one rank, predict α* there, and compare with what was measured.
 
-At the verified rank R the law is fitted on the other ranks only; its prediction (with its 95% interval) is set
-against the optimum measured at R (the same estimator as every cell's, with its bootstrap interval). Reported:
-whether the two intervals overlap (the verdict), whether each estimate lies in the other's interval, and the
-regret: the metric at the predicted α (linear in log α between measured points) minus the best measured, in the
-metric's own units, positive when worse; the same for the three rules of thumb (k fixed, c fitted on the other
-ranks), whose α may fall outside what was measured at R (then the edge value stands: a lower bound).
-
-Which rows count: the rows at R are never in the fit, so a verification is the same however often it is run, and
-trials added at R to measure it do not move the prediction they test.
+The verdict and the regrets are defined in methods.VERIFICATION (the text report.md prints). The rows at the
+verified rank are never in the fit, so a verification is the same however often it is run, and trials added
+there to measure it do not move the prediction they test.
 """
 
 from __future__ import annotations
@@ -21,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scaling_lab.analysis import methods
 from scaling_lab.analysis.conventions import CONVENTION_SYMBOLS, alpha_in_convention
 from scaling_lab.analysis.fit import AnalysisError, FitSettings, StudyFit, fit_study
 from scaling_lab.analysis.hypotheses import ALPHA_RULES, objective_at, rule_coefficients, rules_for
@@ -333,18 +328,8 @@ def with_section(report: str, section: str) -> str:
     return report.rstrip("\n") + "\n\n" + section + "\n"
 
 
-VERIFICATION_TEXT = """\
-Each law is fitted without the verified rank and predicts α* there. *held out*: a finished rank of the study,
-so no new trials; *new rank*: a bracket of α values around the prediction was trained at that rank (rows of the
-study, in its results directory). Verdict: **consistent** when the predicted and measured 95% intervals overlap,
-**missed** when they do not, **inconclusive** when the measured optimum is at the edge of the α values tried.
-Regret: the metric at the predicted α (linear in log α between measured points) minus the best measured, in the
-metric's units, positive when worse; the same for each rule of thumb with its c fitted on the other ranks
-(≥: the rule's α lies outside the α values measured there, so the edge value stands, a lower bound)."""
-
-
 def markdown(entries: Sequence[dict]) -> str:
-    lines = [SECTION_START, "## Verification out of sample", "", VERIFICATION_TEXT, ""]
+    lines = [SECTION_START, "## Verification out of sample", "", methods.VERIFICATION, ""]
     rule_names = [name for name, _, _ in ALPHA_RULES]
     header = ["law", "mode", "rank", "fitted on ranks", "predicted α* [95% CI]", "measured α* [95% CI]",
               "verdict", "regret at predicted α", *(f"regret: {name}" for name in rule_names)]

@@ -21,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 
+from scaling_lab.spec_base import SpecError
+
 LATTICE_PER_RESOLUTION = 4
 GOLDEN = 0.381966  # golden-section fraction of a gap, for steps where no parabola can be trusted
 EXPONENT_RANGE = 1.0  # with one optimum known, the law's exponent is assumed to lie within ±this
@@ -40,8 +42,6 @@ class SearchSettings:
     max_points: int = 12  # α values per cell at most
 
     def check(self, path: str, alphas: tuple[float, ...]) -> None:
-        from scaling_lab.spec import SpecError  # spec.py imports this module
-
         if not (self.resolution > 0 and math.isfinite(self.resolution)):
             raise SpecError(f"{path}.resolution: expected a number of octaves > 0, got {self.resolution!r}")
         if self.initial_points < 3:

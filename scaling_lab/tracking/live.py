@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from scaling_lab import results
+from scaling_lab.spec_base import build
 from scaling_lab.tracking.layout import StudyRecord, trial_record
 from scaling_lab.tracking.settings import TrackingSettings
 
@@ -35,8 +36,6 @@ class TrialLogger:
     @classmethod
     def for_group(cls, group: dict, store: results.Store) -> TrialLogger | None:
         """The logger the study's spec.yaml asks for (the driver writes it before any trial), or None."""
-        from scaling_lab.spec import build
-
         if not store.exists("spec.yaml"):
             return None
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from scaling_lab.spec_base import SpecError
+
 
 @dataclass(frozen=True)
 class TrackingSettings:
@@ -18,8 +20,6 @@ class TrackingSettings:
     wandb_dir: str | None = None  # where offline runs go (<wandb_dir>/wandb); default: the directory `run` starts in
 
     def check(self, path: str) -> None:
-        from scaling_lab.spec import SpecError
-
         if len(set(self.to)) != len(self.to):
             raise SpecError(f"{path}.to: expected distinct trackers, got {list(self.to)!r}")
         if "mlflow" in self.to and not self.mlflow_tracking_uri:

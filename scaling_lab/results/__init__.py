@@ -351,10 +351,3 @@ def versions_json(packages: list[str]) -> str:
             continue
     return json.dumps(found, sort_keys=True)
 
-
-if __name__ == "__main__":  # python -m scaling_lab.results export RESULTS --to ...: scaling_lab/tracking/export.py
-    import sys
-
-    from scaling_lab.tracking.export import main
-
-    sys.exit(main())
