@@ -85,6 +85,24 @@ def restore_outcome(outcome: TrainOutcome, state: dict) -> None:
         setattr(outcome, name, value)
 
 
+# ---- a loop with no state of its own beyond the outcome (the simulated trial) ----
+
+
+def resume_outcome(checkpoints: TrialCheckpoints, outcome: TrainOutcome) -> int:
+    """Load the newest checkpoint's outcome so far; returns its step (0 when there is none)."""
+    found = checkpoints.resume()
+    if found is None:
+        return 0
+    restore_outcome(outcome, found[1])
+    return found[0]
+
+
+def save_outcome(checkpoints: TrialCheckpoints, step: int, outcome: TrainOutcome) -> None:
+    """Called after each step; saves the outcome so far at multiples of `every`."""
+    if checkpoints.due(step):
+        checkpoints.save(step, outcome_state(outcome))
+
+
 # ---- the real training loop's checkpoints: the DeepSpeed engine (adapter, optimizer, scheduler) + loop state ----
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from scaling_lab import checkpoint
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
+from scaling_lab.skeleton import TrialSkeleton
 from scaling_lab.spec import FaultInjection
 
 C = 16.0
@@ -45,44 +46,23 @@ def simulate(config: TrialConfig, step_time_s: float = 0.0, faults: tuple[FaultI
     noise_key = config.trial_id if noise_seed is None else f"{noise_seed}:{config.trial_id}"
     noise = random.Random(noise_key).gauss(0.0, noise_sd)
     final = FLOOR_LOSS + CURVATURE * distance**2 + noise
-    steps = config.training.total_steps
-    tokens_per_step = config.training.batch_size * config.training.seq_len
     outcome = TrainOutcome(status="ok", model_params=100_000, trainable_params=1_000 * config.rank)
+    trial = TrialSkeleton(config, outcome, should_stop)
     initial = FLOOR_LOSS + 2.0
-    outcome.initial_eval_loss = initial
-    outcome.curve.append({"step": 0, "tokens": 0, "eval_loss": initial, "eval_accuracy": 0.0})
-    resumed = checkpoints.resume() if checkpoints else None
-    if resumed:
-        checkpoint.restore_outcome(outcome, resumed[1])
-    start_step = resumed[0] if resumed else 0
-    steps_over_limit = 0  # checkpoints are saved only while this is 0, as in the training loop
-    for step in range(start_step + 1, steps + 1):
+    trial.start(initial, 0.0)
+    steps = config.training.total_steps
+    start_step = checkpoint.resume_outcome(checkpoints, outcome) if checkpoints else 0
+    for step in trial.steps(start_step):
         time.sleep(step_time_s)
         loss = final + (initial - final) * math.exp(-5 * step / steps)
         if distance > DIVERGE_ABOVE and step > steps // 4:
             loss = math.nan
         loss = _inject(faults, step, loss, initial)
-        point = {"step": step, "tokens": step * tokens_per_step, "learning_rate": config.learning_rate}
-        point["train_loss"] = loss
-        outcome.steps, outcome.tokens, outcome.final_train_loss = step, step * tokens_per_step, loss
-        steps_over_limit = steps_over_limit + 1 if loss > config.training.divergence_factor * initial else 0
-        if not math.isfinite(loss) or steps_over_limit >= config.training.divergence_patience:
-            outcome.status = "diverged"
-            outcome.curve.append(point)
+        evaluation = (loss, math.exp(-loss)) if trial.evaluates_at(step) else None  # held out = training loss
+        if trial.record(step, config.learning_rate, loss, evaluation):
             break
-        outcome.last_finite_train_loss = loss
-        if step % config.training.eval_every == 0 or step == steps:
-            accuracy = math.exp(-loss)
-            point.update(eval_loss=loss, eval_accuracy=accuracy)
-            outcome.final_eval_loss, outcome.final_eval_accuracy = loss, accuracy
-            outcome.best_eval_loss = min(loss, outcome.best_eval_loss or math.inf)
-            outcome.best_eval_accuracy = max(accuracy, outcome.best_eval_accuracy or 0.0)
-        outcome.curve.append(point)
-        if should_stop is not None and "eval_loss" in point and should_stop(step, loss):
-            outcome.status = "pruned"
-            break
-        if checkpoints and checkpoints.due(step) and steps_over_limit == 0:
-            checkpoints.save(step, checkpoint.outcome_state(outcome))
+        if checkpoints and trial.may_checkpoint:
+            checkpoint.save_outcome(checkpoints, step, outcome)
     outcome.train_time_s = steps * step_time_s
     return outcome
 

@@ -11,16 +11,18 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from scaling_lab import checkpoint, diagnostics, models
-from scaling_lab import data as data_lib
+from scaling_lab import checkpoint, data as data_lib, diagnostics, models
 from scaling_lab.deepspeed_setup import clips_outside_deepspeed, deepspeed_config, import_deepspeed, micro_batch_size
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
+from scaling_lab.skeleton import TrialSkeleton
 
 
 def world() -> tuple[int, int]:
@@ -143,6 +145,35 @@ def worker_micro_batches(batch: dict[str, torch.Tensor], rank: int, world_size: 
 def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
               checkpoints: checkpoint.TrialCheckpoints | None = None,
               should_stop: Callable[[int, float], bool] | None = None) -> TrainOutcome:
+    with setup(config, cache_dir, base_dir) as run:
+        return train(run, checkpoints, should_stop)
+
+
+@dataclass
+class Run:
+    """What the training loop needs, as setup() builds it."""
+
+    config: TrialConfig
+    engine: Any  # a DeepSpeed engine around the PEFT model
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    trainable: list[torch.nn.Parameter]
+    task: data_lib.Task
+    batches: Iterator[dict[str, torch.Tensor]]
+    device: torch.device
+    rank: int
+    world_size: int
+    micro: int  # sequences per forward pass on this worker
+    clip_here: float | None  # the gradient-norm cap, where torch clips rather than DeepSpeed
+    diagnostics_every: int
+    adapters: list
+    signal_drift: diagnostics.SignalDrift
+    full_grad: Callable  # DeepSpeed's whole gradient of a parameter, however ZeRO holds it
+    outcome: TrainOutcome  # so far: what the set-up knows (sizes, commit, times)
+
+
+@contextmanager
+def setup(config: TrialConfig, cache_dir: Path, base_dir: Path) -> Iterator[Run]:
+    """The trial's components in dependency order; on leaving, the engine is freed and the adapter taken off."""
     started_setup = time.perf_counter()
     deepspeed = import_deepspeed()
     ensure_process_group()
@@ -153,26 +184,20 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
     if config.training.batch_size % (micro * world_size):
         raise ValueError(f"training.batch_size {config.training.batch_size} does not split into micro-batches of "
                          f"{micro} on {world_size} workers")
-    ds_config = deepspeed_config(config, world_size)
     device = torch.device(deepspeed.get_accelerator().device_name())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    # The base is loaded before seeding; the seed then fixes LoRA's initialization and the batch order.
-    # Under ZeRO-3 it is loaded partitioned, as the engine's config says.
+    # The base is loaded before seeding; the seed then fixes LoRA's initialization and dropout's draws.
+    # Under ZeRO-3 it is loaded partitioned, as the engine's config says; that config's buffers are then sized to it.
+    loading_config = deepspeed_config(config, world_size)
     base = models.load_base(config.model, cache_dir, config.deepspeed.precision,
-                            ds_config if config.deepspeed.zero_stage == 3 else None)
+                            loading_config if config.deepspeed.zero_stage == 3 else None)
     ds_config = deepspeed_config(config, world_size, model_params=base.num_params)
+    # The data is tokenized with the base's tokenizer, or drawn over its vocabulary.
     started_data = time.perf_counter()
-    task = data_lib.load_task(
-        config.data,
-        config.training,
-        kind=config.model.kind,
-        tokenizer=base.tokenizer,
-        vocab_size=base.vocab_size,
-        base_dir=base_dir,
-        cache_dir=cache_dir,
-    )
+    task = data_lib.load_task(config.data, config.training, kind=config.model.kind, tokenizer=base.tokenizer,
+                              vocab_size=base.vocab_size, base_dir=base_dir, cache_dir=cache_dir)
     data_time_s = time.perf_counter() - started_data
     setup_time_s = time.perf_counter() - started_setup
     torch.manual_seed(config.seed)
@@ -185,87 +210,81 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
                                           weight_decay=config.optimizer.weight_decay)
         else:
             optimizer = torch.optim.SGD(trainable, lr=config.learning_rate, weight_decay=config.optimizer.weight_decay)
-        total_steps = config.training.total_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, config.training.total_steps))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
         if world_size == 1 and config.deepspeed.zero_stage == 0:
             engine.enable_backward_allreduce = False  # an average over one worker: skip flattening and copying back
 
-        outcome = TrainOutcome(
-            status="ok",
-            model_params=base.num_params,
-            trainable_params=sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
-            model_commit=base.commit,
-            setup_time_s=setup_time_s,
-            data_time_s=data_time_s,
-        )
-        clip_here = config.optimizer.grad_clip if clips_outside_deepspeed(config) else None
-        batches = data_lib.batch_iterator(task.train, config.training.batch_size, seed=config.seed)
-        eval_loss, eval_accuracy = evaluate(engine, task.eval, config, device)
-        outcome.initial_eval_loss = eval_loss
-        outcome.curve.append({"step": 0, "tokens": 0, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy})
-        divergence_limit = config.training.divergence_factor * eval_loss
         # Diagnostics need the full adapter tensors, which ZeRO-3 partitions across workers: there they are left out.
-        diagnostics_every = config.training.diagnostics_every if config.deepspeed.zero_stage < 3 else 0
-        adapters = diagnostics.adapters(engine.module)
         probe_rows = torch.arange(min(len(task.eval), config.training.batch_size))
         probe_batch = {k: v.to(device) for k, v in task.eval.batch(probe_rows).items()}
-        signal_drift = diagnostics.SignalDrift(lambda: _probe_loss(engine.module, probe_batch), trainable)
-
-        start_step = checkpoint.restore_engine(checkpoints, engine, outcome, batches) if checkpoints else 0
-        started = time.perf_counter()
-        steps_over_limit = 0
-        for step in range(start_step + 1, total_steps + 1):
-            micro_batches = worker_micro_batches(next(batches), rank, world_size, micro)
-            learning_rate = scheduler.get_last_lr()[0]
-            diagnose = diagnostics_every > 0 and (step == 1 or step % diagnostics_every == 0)
-            if diagnose:
-                signal_drift.before()
-            micro_losses = []
-            for micro_batch in micro_batches:
-                loss = engine(**{k: v.to(device) for k, v in micro_batch.items()}).loss
-                engine.backward(loss)  # DeepSpeed divides by the accumulation steps, and averages over workers
-                micro_losses.append(loss.item())
-                if engine.is_gradient_accumulation_boundary():  # the last micro-batch: the gradients are whole
-                    if diagnose:
-                        measured = diagnostics.norms(adapters, deepspeed.utils.safe_get_full_grad)
-                    if clip_here:
-                        torch.nn.utils.clip_grad_norm_(trainable, clip_here)
-                engine.step()  # the optimizer steps at the boundary only
-            if diagnose:
-                measured.update(signal_drift.after())
-            (train_loss,) = _all_reduce_sum([sum(micro_losses) / (len(micro_losses) * world_size)])
-            outcome.steps = step
-            outcome.tokens += config.training.batch_size * config.training.seq_len
-            outcome.final_train_loss = train_loss
-            point = {"step": step, "tokens": outcome.tokens, "learning_rate": learning_rate, "train_loss": train_loss}
-            if diagnose:
-                point.update(measured)
-            if step % config.training.eval_every == 0 or step == total_steps:
-                eval_loss, eval_accuracy = evaluate(engine, task.eval, config, device)
-                point.update(eval_loss=eval_loss, eval_accuracy=eval_accuracy)
-                outcome.final_eval_loss, outcome.final_eval_accuracy = eval_loss, eval_accuracy
-                if math.isfinite(eval_loss):
-                    outcome.best_eval_loss = min(eval_loss, outcome.best_eval_loss or math.inf)
-                    outcome.best_eval_accuracy = max(eval_accuracy, outcome.best_eval_accuracy or 0.0)
-            outcome.curve.append(point)
-            if math.isfinite(train_loss):
-                outcome.last_finite_train_loss = train_loss
-            steps_over_limit = steps_over_limit + 1 if train_loss > divergence_limit else 0
-            if not math.isfinite(train_loss) or steps_over_limit >= config.training.divergence_patience:
-                outcome.status = "diverged"
-                break
-            if should_stop is not None and "eval_loss" in point and should_stop(step, point["eval_loss"]):
-                outcome.status = "pruned"  # stopped early: scaling_lab/early_stop.py
-                break
-            if checkpoints and steps_over_limit == 0:  # a checkpoint resumes with no steps over the limit
-                checkpoint.save_engine(checkpoints, step, engine, outcome)
-        outcome.train_time_s += time.perf_counter() - started
-        if device.type == "cuda":
-            outcome.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
-        if diagnostics_every:
-            ratios = diagnostics.spectral_ratios(adapters)
-            outcome.spectral_ratio_mean, outcome.spectral_ratio_max = sum(ratios) / len(ratios), max(ratios)
+        yield Run(
+            config=config,
+            engine=engine,
+            scheduler=scheduler,
+            trainable=trainable,
+            task=task,
+            batches=data_lib.batch_iterator(task.train, config.training.batch_size, seed=config.seed),
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            micro=micro,
+            clip_here=config.optimizer.grad_clip if clips_outside_deepspeed(config) else None,
+            diagnostics_every=config.training.diagnostics_every if config.deepspeed.zero_stage < 3 else 0,
+            adapters=diagnostics.adapters(engine.module),
+            signal_drift=diagnostics.SignalDrift(lambda: _probe_loss(engine.module, probe_batch), trainable),
+            full_grad=deepspeed.utils.safe_get_full_grad,
+            outcome=TrainOutcome(
+                status="ok",
+                model_params=base.num_params,
+                trainable_params=sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
+                model_commit=base.commit,
+                setup_time_s=setup_time_s,
+                data_time_s=data_time_s,
+            ),
+        )
         engine.destroy()
+
+
+def train(run: Run, checkpoints: checkpoint.TrialCheckpoints | None = None,
+          should_stop: Callable[[int, float], bool] | None = None) -> TrainOutcome:
+    """The training loop; what follows from each step's losses (evaluation, divergence, pruning, checkpoints)
+    is the trial skeleton's (scaling_lab/skeleton.py)."""
+    config, engine, outcome = run.config, run.engine, run.outcome
+    trial = TrialSkeleton(config, outcome, should_stop)
+    trial.start(*evaluate(engine, run.task.eval, config, run.device))
+    start_step = checkpoint.restore_engine(checkpoints, engine, outcome, run.batches) if checkpoints else 0
+    started = time.perf_counter()
+    for step in trial.steps(start_step):
+        micro_batches = worker_micro_batches(next(run.batches), run.rank, run.world_size, run.micro)
+        learning_rate = run.scheduler.get_last_lr()[0]
+        diagnose = run.diagnostics_every > 0 and (step == 1 or step % run.diagnostics_every == 0)
+        if diagnose:
+            run.signal_drift.before()
+        measured, micro_losses = {}, []
+        for micro_batch in micro_batches:
+            loss = engine(**{k: v.to(run.device) for k, v in micro_batch.items()}).loss
+            engine.backward(loss)  # DeepSpeed divides by the accumulation steps, and averages over workers
+            micro_losses.append(loss.item())
+            if engine.is_gradient_accumulation_boundary():  # the last micro-batch: the gradients are whole
+                if diagnose:
+                    measured = diagnostics.norms(run.adapters, run.full_grad)
+                if run.clip_here:
+                    torch.nn.utils.clip_grad_norm_(run.trainable, run.clip_here)
+            engine.step()  # the optimizer steps at the boundary only
+        if diagnose:
+            measured.update(run.signal_drift.after())
+        (train_loss,) = _all_reduce_sum([sum(micro_losses) / (len(micro_losses) * run.world_size)])
+        evaluation = evaluate(engine, run.task.eval, config, run.device) if trial.evaluates_at(step) else None
+        if trial.record(step, learning_rate, train_loss, evaluation, measured):
+            break
+        if checkpoints and trial.may_checkpoint:
+            checkpoint.save_engine(checkpoints, step, engine, outcome)
+    outcome.train_time_s += time.perf_counter() - started
+    if run.device.type == "cuda":
+        outcome.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+    if run.diagnostics_every:
+        ratios = diagnostics.spectral_ratios(run.adapters)
+        outcome.spectral_ratio_mean, outcome.spectral_ratio_max = sum(ratios) / len(ratios), max(ratios)
     return outcome
