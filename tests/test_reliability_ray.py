@@ -18,6 +18,7 @@ import yaml
 
 from scaling_lab import results, spec as spec_lib
 from scaling_lab.grid import expand
+from scaling_lab.group import GroupSpec
 from scaling_lab.trial import run_group
 from simulated_cluster import simulated_cluster
 
@@ -118,8 +119,8 @@ def fault_free_curves(tmp_path: Path, spec_path: Path):
     data["execution"] = {**data["execution"], "inject_faults": [], "simulated_step_time_s": 0}
     spec = spec_lib.parse(data, tmp_path)
     store = results.Store(tmp_path / "fault-free")
-    run_group({"trials": [t.to_dict() for t in expand(spec)], "results_dir": str(store), "cache_dir": str(store),
-               "base_dir": str(store), "backend": "simulated", "study": spec.name, "git_commit": None})
+    run_group(GroupSpec(trials=tuple(t.to_dict() for t in expand(spec)), results_dir=str(store), cache_dir=str(store),
+                        base_dir=str(store), backend="simulated", study=spec.name))
     return results.load_curves(store)
 
 
