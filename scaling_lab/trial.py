@@ -24,6 +24,7 @@ from scaling_lab.early_stop_hook import pruning_rule
 from scaling_lab.grid import TrialConfig
 from scaling_lab.group import GroupSpec
 from scaling_lab.outcome import TrainOutcome
+from scaling_lab.spec import FaultInjection
 from scaling_lab.tracking.live import TrialLogger
 
 PROVENANCE_PACKAGES = ["scaling_lab", "torch", "transformers", "peft", "deepspeed", "ray", "pyarrow",
@@ -35,7 +36,7 @@ MEMORY_FAILURE = re.compile(r"running low on memory|memory pressure|OutOfMemory|
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _node() -> str:
@@ -274,7 +275,8 @@ def _claimed_trials(group: GroupSpec, store: results.Store) -> Iterator[tuple[di
         offered, limit = iter(group.trials), len(group.trials)
     taken = 0
     for trial_dict in offered:
-        claim = _claim(store, TrialConfig.from_dict(trial_dict).trial_id, run_id, group.claim_timeout_s, group.lane)
+        trial_id = TrialConfig.from_dict(trial_dict).trial_id
+        claim = _claim(store, trial_id, run_id, group.claim_timeout_s, group.lane)
         if claim is not None:
             yield trial_dict, claim
             taken += 1

@@ -26,14 +26,14 @@ class TrialQueue:
 
     def __init__(self, trials_by_shape: dict[str, list[dict]] | None = None, open_shapes: tuple[str, ...] = ()):
         self.pending: dict[str, deque] = {}
-        self.taken: dict[tuple, dict | None] = {}
+        self.taken: dict[tuple, tuple[str, dict] | None] = {}  # lane → (trial id, config) it took last
         self.open: set[str] = set(open_shapes)
         self._changed = asyncio.Event()
         self._add(trials_by_shape or {})
 
     def _add(self, trials_by_shape: dict[str, list[dict]]) -> None:
         for shape, trials in trials_by_shape.items():
-            self.pending.setdefault(shape, deque()).extend(trials)
+            self.pending.setdefault(shape, deque()).extend((TrialConfig.from_dict(t).trial_id, t) for t in trials)
 
     def _wake(self) -> None:
         self._changed.set()
@@ -58,19 +58,19 @@ class TrialQueue:
         its worker died runs that one again first."""
         lane = tuple(lane)
         if again and self.taken.get(lane) is not None:
-            return self.taken[lane]
+            return self.taken[lane][1]
         deadline = time.monotonic() + wait_s
         while not self.pending.get(shape) and shape in self.open and time.monotonic() < deadline:
             changed = self._changed
             try:
                 await asyncio.wait_for(changed.wait(), timeout=max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         pending = self.pending.get(shape)
         self.taken[lane] = pending.popleft() if pending else None
-        if self.taken[lane] is None and shape in self.open:
-            return "wait"
-        return self.taken[lane]
+        if self.taken[lane] is None:
+            return "wait" if shape in self.open else None
+        return self.taken[lane][1]
 
     async def left(self, shape: str, lane: tuple) -> int:
         """How many trials `lane` may still run (the last one it took counted, and one more while more may come)."""
@@ -79,11 +79,12 @@ class TrialQueue:
 
     async def busy(self) -> list[str]:
         """The ids of the trials queued or taken by a lane and not yet given back by a next take."""
-        trials = [t for queued in self.pending.values() for t in queued] + [t for t in self.taken.values() if t]
-        return [TrialConfig.from_dict(t).trial_id for t in trials]
+        return [trial_id for queued in self.pending.values() for trial_id, _ in queued] + [
+            taken[0] for taken in self.taken.values() if taken is not None]
 
     async def last_taken(self, lane: tuple) -> dict | None:
-        return self.taken.get(tuple(lane))
+        taken = self.taken.get(tuple(lane))
+        return taken[1] if taken is not None else None
 
 
 def start(name: str, trials_by_shape: dict[str, list[dict]] | None = None, open_shapes: tuple[str, ...] = ()):

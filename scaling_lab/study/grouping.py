@@ -43,8 +43,8 @@ def concurrency(spec: StudySpec, cluster: dict[str, float]) -> int:
     fits = []
     for model in spec.models:
         resources = model.resources or spec.execution.resources
-        need = {"CPU": resources.workers * resources.cpus_per_worker, "GPU": resources.workers * resources.gpus_per_worker}
-        need.update({k: v * resources.workers for k, v in resources.custom.items()})
+        per_worker = {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker, **resources.custom}
+        need = {k: v * resources.workers for k, v in per_worker.items()}
         fits.append(min(int(cluster.get(k, 0) // v) for k, v in need.items() if v > 0))
     return max(1, max(fits))
 

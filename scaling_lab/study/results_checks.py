@@ -64,7 +64,7 @@ def set_aside_failures(spec: StudySpec, results_dir: str) -> list[str]:
     wanted = set(study_trial_ids(spec, results_dir))
     rows = results.read_trials(store).select(["trial_id", "status"]).to_pylist()
     failed = [r["trial_id"] for r in rows if r["status"] in ("error", "oom") and r["trial_id"] in wanted]
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     for trial_id in failed:
         results.set_aside_failed(store, trial_id, stamp)
     return failed
