@@ -9,32 +9,14 @@ while another driver's worker holds its claim (it is queued again if that driver
 from __future__ import annotations
 
 import time
-from typing import Protocol
 
 from ray.tune import Callback
 
 from scaling_lab import claims, results
-from scaling_lab.grid import TrialConfig
 from scaling_lab.group import shape_of
-from scaling_lab.study.grouping import longest_first, trials_by_shape
+from scaling_lab.study.grouping import TrialSource, longest_first, trials_by_shape
 
 FEED_EVERY_S = 0.5
-
-
-class TrialSource(Protocol):
-    def poll(self, done: set[str]) -> tuple[list[TrialConfig], set[str]]:
-        """The trials to run now (none of them in `done`), and the shapes to which more may still come."""
-        ...
-
-
-class GridTrials:
-    """A fixed list of trials: the grid's, or those `study verify` adds."""
-
-    def __init__(self, trials: list[TrialConfig]):
-        self.trials = trials
-
-    def poll(self, done: set[str]) -> tuple[list[TrialConfig], set[str]]:
-        return [t for t in self.trials if t.trial_id not in done], set()
 
 
 class QueueFeeder(Callback):

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Protocol
 
 from scaling_lab.grid import TrialConfig
 from scaling_lab.group import GroupSpec, shape_of
@@ -77,3 +78,19 @@ def lanes(settings: GroupSpec, trials: list[TrialConfig], slots: int, per_group:
     return [dataclasses.replace(settings, resources=resources[shape], queue=queue, shape=shape,
                                 lane=(round_number, index), max_trials=per_group)
             for index, shape in enumerate(shapes)]
+
+
+class TrialSource(Protocol):
+    def poll(self, done: set[str]) -> tuple[list[TrialConfig], set[str]]:
+        """The trials to run now (none of them in `done`), and the shapes to which more may still come."""
+        ...
+
+
+class GridTrials:
+    """A fixed list of trials: the grid's, or those `study verify` adds."""
+
+    def __init__(self, trials: list[TrialConfig]):
+        self.trials = trials
+
+    def poll(self, done: set[str]) -> tuple[list[TrialConfig], set[str]]:
+        return [t for t in self.trials if t.trial_id not in done], set()

@@ -14,8 +14,7 @@ from scaling_lab import claims, results, spec as spec_lib, trial_queue
 from scaling_lab.grid import TrialConfig, expand
 from scaling_lab.spec import StudySpec
 from scaling_lab.study import progress, tune_wiring
-from scaling_lab.study.feeder import GridTrials, QueueFeeder, TrialSource
-from scaling_lab.study.grouping import concurrency, group_settings, lanes
+from scaling_lab.study.grouping import GridTrials, TrialSource, concurrency, group_settings, lanes
 from scaling_lab.study.results_checks import check_results_dir, full_disk_named, pending_trials, set_aside_failures
 from scaling_lab.study.tune_wiring import GroupsFailed
 
@@ -108,6 +107,8 @@ def _run_lanes(spec: StudySpec, options: RunOptions, results_dir: str, trials: l
     """One Tune run whose lanes take the source's trials from one queue until it has none left; again, for
     trials another driver held and abandoned meanwhile, until the source has nothing left to run."""
     import ray
+
+    from scaling_lab.study.feeder import QueueFeeder  # imports Ray Tune
 
     store = results.Store(results_dir)
     tune_wiring.connect_ray(options.address, options.verbose)
