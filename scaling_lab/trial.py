@@ -263,7 +263,8 @@ def _node_memory() -> str:
     import psutil
 
     memory = psutil.virtual_memory()
-    return f"memory of node {socket.gethostname()} now: {memory.used / 2**30:.1f} of {memory.total / 2**30:.1f} GiB used"
+    used, total = memory.used / 2**30, memory.total / 2**30
+    return f"memory of node {socket.gethostname()} now: {used:.1f} of {total:.1f} GiB used"
 
 
 def _claimed_trials(group: GroupSpec, store: results.Store) -> Iterator[tuple[dict, claims.Claim]]:

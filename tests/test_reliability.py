@@ -80,7 +80,7 @@ def test_the_trial_a_failed_worker_group_was_running_becomes_a_row(tmp_path, fai
 
 def _row_of(config) -> dict:
     return result_row(config, TrainOutcome(status="ok"), study="rel", attempt=1, num_workers=1,
-                      started_at=dt.datetime.now(dt.timezone.utc), git_commit=None, device="cpu")
+                      started_at=dt.datetime.now(dt.UTC), git_commit=None, device="cpu")
 
 
 # ---- claims ----

@@ -46,8 +46,9 @@ class QueueFeeder(Callback):
             self.feed()
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        """A lane failed past its retries: the study stops once the other lanes finish the trials they run."""
+        """A lane failed past its retries: nothing more is queued, the other lanes run what is queued and end, and
+        the study then stops with the lane's failure (its trial stays without a row)."""
         import ray
 
         self.failed = True
-        ray.get(self.queue.close.remote(drop_pending=True))
+        ray.get(self.queue.close.remote())
