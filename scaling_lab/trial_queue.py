@@ -77,6 +77,10 @@ class TrialQueue:
         return (len(self.pending.get(shape, ())) + (self.taken.get(tuple(lane)) is not None)
                 + (shape in self.open))
 
+    async def release(self, lane: tuple) -> None:
+        """The trial `lane` took last is finished (run, skipped, or recorded as cut short): not taken back."""
+        self.taken[tuple(lane)] = None
+
     async def busy(self) -> list[str]:
         """The ids of the trials queued or taken by a lane and not yet given back by a next take."""
         return [trial_id for queued in self.pending.values() for trial_id, _ in queued] + [
@@ -120,6 +124,12 @@ def left(group: GroupSpec) -> int:
     import ray
 
     return ray.get(_actor(group).left.remote(group.shape, group.lane))
+
+
+def release(group: GroupSpec) -> None:
+    import ray
+
+    ray.get(_actor(group).release.remote(group.lane))
 
 
 def last_taken(group: GroupSpec) -> dict | None:

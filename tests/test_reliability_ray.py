@@ -252,7 +252,8 @@ def test_failing_trials_become_rows_and_retry_failed_reruns_only_them(tmp_path):
 def test_two_drivers_on_one_study_never_run_a_trial_twice(tmp_path):
     spec_path = write_spec(tmp_path, {
         **SPEC, "grid": {"ranks": [1, 4, 16], "alphas": [4, 16, 64, 256]},
-        "execution": {**SPEC["execution"], "trials_per_group": 2, "simulated_step_time_s": 0.15},
+        "execution": {**SPEC["execution"], "trials_per_group": 2, "simulated_step_time_s": 0.3,
+                      "max_concurrent": 1},  # one lane each: the second driver starts while trials remain
     })
     first = start("run", str(spec_path), cwd=tmp_path)
     wait_for(lambda: [n for n in files(tmp_path / "results/rel/claims") if n.endswith(".json")],

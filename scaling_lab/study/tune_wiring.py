@@ -53,7 +53,10 @@ def run_group_trainable(config: dict) -> None:
         return  # the lanes before this one took every trial: no worker group to start
     if group.backend == "simulated":
         run_group(group)
-        while group.queue and _more_to_run(group):
+        while group.queue:
+            trial_queue.release(group)
+            if not _more_to_run(group):
+                return
             run_group(group)
         return
 
@@ -91,6 +94,8 @@ def run_group_trainable(config: dict) -> None:
             # fresh worker group goes on with the rest; a failure no trial can be blamed for fails the group.
             if not record_cut_short(group, str(exc)):
                 raise
+        if group.queue:
+            trial_queue.release(group)  # its last trial has a row: a fresh worker group need not take it back
         if not _more_to_run(group):
             return
 
