@@ -269,7 +269,7 @@ def test_two_drivers_on_one_study_never_run_a_trial_twice(tmp_path):
 def test_a_removed_node_s_trials_are_retried_on_another(tmp_path):
     spec_path = write_spec(tmp_path, {
         **SPEC, "grid": {"ranks": [1, 4], "alphas": [4, 16, 64]},
-        "execution": {**SPEC["execution"], "trials_per_group": 6, "simulated_step_time_s": 0.1},
+        "execution": {**SPEC["execution"], "trials_per_group": 6, "simulated_step_time_s": 0.25},
     })
     with simulated_cluster(head={"num_cpus": 0}, nodes=[{"num_cpus": 1}]) as (cluster, [doomed]):
         driver = start("run", str(spec_path), "--address", cluster.address, cwd=tmp_path)
