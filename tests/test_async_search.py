@@ -94,7 +94,7 @@ def test_asynchronous_search_measures_what_the_synchronous_one_does_and_finishes
     space = SearchSpace(spec_lib.parse(SPEC))
     (key,) = space.groups
     sync_time = async_time = 0.0
-    for noise_seed in range(12):
+    for noise_seed in range(8):
         durations = Durations(noise_seed)
         sync_rows, sync_elapsed = synchronous(space, noise_seed, durations)
         async_rows, async_elapsed = asynchronous(space, noise_seed, durations)
