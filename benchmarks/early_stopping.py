@@ -29,6 +29,7 @@ from scaling_lab import results
 from scaling_lab.analysis import fit_study, from_frame, load_results
 from scaling_lab.analysis.fit import StudyFit
 from scaling_lab.grid import TrialConfig, expand
+from scaling_lab.group import GroupSpec
 from scaling_lab.spec import StudySpec, dump, parse
 from scaling_lab.trial import run_group
 
@@ -62,8 +63,8 @@ def run_simulated(spec: StudySpec, directory: Path, order) -> pd.DataFrame:
     store = results.Store(directory)
     store.write("spec.yaml", dump(spec).encode())
     trials: list[TrialConfig] = order(expand(spec))
-    run_group({"trials": [t.to_dict() for t in trials], "results_dir": str(directory), "cache_dir": str(directory),
-               "base_dir": str(directory), "backend": "simulated", "study": spec.name})
+    run_group(GroupSpec(trials=tuple(t.to_dict() for t in trials), results_dir=str(directory),
+                        cache_dir=str(directory), base_dir=str(directory), backend="simulated", study=spec.name))
     return results.load(directory)
 
 

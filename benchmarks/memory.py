@@ -117,7 +117,7 @@ def trial_worker(rank: int, port: int, group: dict, report: str) -> None:
     from scaling_lab import train, trial  # noqa: F401
 
     baseline = peak_rss_mb()
-    trial.train_worker_loop({**group, "cpus_per_worker": 1})
+    trial.train_worker_loop(group)
     Path(report, f"worker{rank}.json").write_text(json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb()}))
 
 
@@ -179,6 +179,7 @@ def main() -> None:
     from scaling_lab import results
     from scaling_lab import spec as spec_lib
     from scaling_lab.grid import expand
+    from scaling_lab.group import GroupSpec
 
     with tempfile.TemporaryDirectory(prefix="memory-benchmark-") as tmp:
         workdir = Path(tmp)
@@ -195,9 +196,9 @@ def main() -> None:
             spec_dict = study_spec(workdir / "model", workdir / "text.jsonl", zero_stage, precision, args)
             trials = expand(spec_lib.parse(spec_dict))
             name = spec_dict["name"]
-            group = {"trials": [t.to_dict() for t in trials], "results_dir": str(workdir / name),
-                     "cache_dir": str(workdir / "cache"), "base_dir": str(ROOT), "backend": "ray_train",
-                     "study": name, "git_commit": None}
+            group = GroupSpec(trials=tuple(t.to_dict() for t in trials), results_dir=str(workdir / name),
+                              cache_dir=str(workdir / "cache"), base_dir=str(ROOT), backend="ray_train",
+                              study=name).to_dict()
             report = workdir / f"{name}-report"
             report.mkdir()
             mp.spawn(trial_worker, args=(free_port(), group, str(report)), nprocs=2)

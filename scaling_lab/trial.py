@@ -19,11 +19,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from scaling_lab import checkpoint, claims, results
+from scaling_lab import checkpoint, claims, results, trial_queue
 from scaling_lab.early_stop_hook import pruning_rule
 from scaling_lab.grid import TrialConfig
+from scaling_lab.group import GroupSpec
 from scaling_lab.outcome import TrainOutcome
-from scaling_lab.spec import FaultInjection, build
+from scaling_lab.spec import FaultInjection
 from scaling_lab.tracking.live import TrialLogger
 
 PROVENANCE_PACKAGES = ["scaling_lab", "torch", "transformers", "peft", "deepspeed", "ray", "pyarrow",
@@ -35,7 +36,7 @@ MEMORY_FAILURE = re.compile(r"running low on memory|memory pressure|OutOfMemory|
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _node() -> str:
@@ -181,25 +182,20 @@ def result_row(config: TrialConfig, outcome: TrainOutcome, *, study: str, attemp
     }
 
 
-def run_group(group: dict) -> None:
-    """Run a group of trials in order, skipping finished ones; every worker of the group calls this.
-
-    `group` holds plain data: trials (config dicts), results_dir, cache_dir, base_dir, backend, study,
-    git_commit, step_time_s, and optionally run_id, claim_timeout_s, checkpoint_every, inject_faults. With
-    `queue`, `shape`, `lane` and `max_trials`, the group takes its trials from the round's queue instead
-    (scaling_lab/study/trial_queue.py), at most max_trials of them.
-    A trial that another driver's worker is running is skipped (see scaling_lab/claims.py).
+def run_group(group: GroupSpec) -> None:
+    """Run a group's trials in order, skipping finished ones, or, for a lane, the trials it takes from the study's
+    queue (scaling_lab/trial_queue.py); every worker of the group calls this. A trial that another driver's worker
+    is running is skipped (see scaling_lab/claims.py).
     """
-    if group["backend"] == "simulated":
+    if group.backend == "simulated":
         rank, world_size = 0, 1
     else:
         from scaling_lab.train import world
 
         rank, world_size = world()
-    store = results.Store(group["results_dir"])
-    cache_dir, base_dir = Path(group["cache_dir"]), Path(group["base_dir"])
-    device = "simulated" if group["backend"] == "simulated" else _device()
-    faults = tuple(build(FaultInjection, fault) for fault in group.get("inject_faults", ()))
+    store = results.Store(group.results_dir)
+    cache_dir, base_dir = Path(group.cache_dir), Path(group.base_dir)
+    device = "simulated" if group.backend == "simulated" else _device()
     claimed = _claimed_trials(group, store) if rank == 0 else iter(())
     live = TrialLogger.for_group(group, store) if rank == 0 else None  # the spec's `tracking:`, None if off
     while True:
@@ -208,17 +204,17 @@ def run_group(group: dict) -> None:
         if trial_dict is None:
             return
         config = TrialConfig.from_dict(trial_dict)
-        every = group.get("checkpoint_every")
+        every = group.checkpoint_every
         trial_checkpoints = checkpoint.TrialCheckpoints(store, config.trial_id, every, rank) if every else None
         started_at = _now()
         try:
             with claim.heartbeat() if claim else contextlib.nullcontext():
-                outcome = execute(config, group["backend"], cache_dir, base_dir, group.get("step_time_s", 0.0),
-                                  attempt=attempt, faults=faults, checkpoints=trial_checkpoints,
+                outcome = execute(config, group.backend, cache_dir, base_dir, group.step_time_s,
+                                  attempt=attempt, faults=group.inject_faults, checkpoints=trial_checkpoints,
                                   should_stop=pruning_rule(store, config, rank, world_size))
                 if rank == 0:
-                    row = result_row(config, outcome, study=group["study"], attempt=attempt, num_workers=world_size,
-                                     started_at=started_at, git_commit=group.get("git_commit"), device=device)
+                    row = result_row(config, outcome, study=group.study, attempt=attempt, num_workers=world_size,
+                                     started_at=started_at, git_commit=group.git_commit, device=device)
                     results.write_trial(store, row, outcome.curve)
                     if live:
                         live.log(row, outcome.curve)
@@ -233,30 +229,28 @@ def run_group(group: dict) -> None:
             claim.release()
 
 
-def record_cut_short(group: dict, failure: str) -> list[str]:
+def record_cut_short(group: GroupSpec, failure: str) -> list[str]:
     """Rows for the trials that a worker group was running when it failed past its retries (its workers killed
     from outside: Ray's memory monitor, the kernel, a lost node), so that no later attempt runs them again and
     the study ends. Status oom where the failure says memory ran out, else error. Returns their ids."""
-    store = results.Store(group["results_dir"])
-    if "queue" in group:
-        from scaling_lab.study import trial_queue
-
+    store = results.Store(group.results_dir)
+    if group.queue:
         candidates = [trial for trial in [trial_queue.last_taken(group)] if trial is not None]
     else:
-        candidates = group["trials"]
+        candidates = list(group.trials)
     status = "oom" if MEMORY_FAILURE.search(failure) else "error"
     error = scrub_secrets(f"its worker group failed past its retries ({_node_memory()}): {failure.strip()}")
     recorded = []
     for trial_dict in candidates:
         config = TrialConfig.from_dict(trial_dict)
         held = claims.read(store, config.trial_id)
-        if held is None or held.get("run_id") != group["run_id"] or store.exists(
+        if held is None or held.get("run_id") != group.run_id or store.exists(
                 f"{results.TRIALS}/{config.trial_id}.parquet"):
             continue
         started_at = dt.datetime.fromisoformat(held["started_at"]) if held.get("started_at") else _now()
-        row = result_row(config, TrainOutcome(status=status, error=error[:MAX_ERROR_CHARS]), study=group["study"],
-                         attempt=int(held.get("attempt", 1)), num_workers=int(group["resources"]["workers"]),
-                         started_at=started_at, git_commit=group.get("git_commit"), device="unknown")
+        row = result_row(config, TrainOutcome(status=status, error=error[:MAX_ERROR_CHARS]), study=group.study,
+                         attempt=int(held.get("attempt", 1)), num_workers=group.resources.workers,
+                         started_at=started_at, git_commit=group.git_commit, device="unknown")
         row["peak_memory_mb"] = None  # this process's memory says nothing of the workers'
         results.write_trial(store, row, [])
         checkpoint.TrialCheckpoints(store, config.trial_id, every=1).delete()
@@ -269,23 +263,21 @@ def _node_memory() -> str:
     import psutil
 
     memory = psutil.virtual_memory()
-    return f"memory of node {socket.gethostname()} now: {memory.used / 2**30:.1f} of {memory.total / 2**30:.1f} GiB used"
+    used, total = memory.used / 2**30, memory.total / 2**30
+    return f"memory of node {socket.gethostname()} now: {used:.1f} of {total:.1f} GiB used"
 
 
-def _claimed_trials(group: dict, store: results.Store) -> Iterator[tuple[dict, claims.Claim]]:
+def _claimed_trials(group: GroupSpec, store: results.Store) -> Iterator[tuple[dict, claims.Claim]]:
     """The group's trials that this worker claimed, one at a time as the previous one finishes."""
-    run_id = group.get("run_id") or uuid.uuid4().hex
-    timeout_s = group.get("claim_timeout_s", claims.DEFAULT_TIMEOUT_S)
-    lane = tuple(group["lane"]) if group.get("lane") else None
-    if "queue" in group:
-        from scaling_lab.study import trial_queue
-
-        offered, limit = trial_queue.offered(group), group["max_trials"]
+    run_id = group.run_id or uuid.uuid4().hex
+    if group.queue:
+        offered, limit = trial_queue.offered(group), group.max_trials
     else:
-        offered, limit = iter(group["trials"]), len(group["trials"])
+        offered, limit = iter(group.trials), len(group.trials)
     taken = 0
     for trial_dict in offered:
-        claim = _claim(store, TrialConfig.from_dict(trial_dict).trial_id, run_id, timeout_s, lane)
+        trial_id = TrialConfig.from_dict(trial_dict).trial_id
+        claim = _claim(store, trial_id, run_id, group.claim_timeout_s, group.lane)
         if claim is not None:
             yield trial_dict, claim
             taken += 1
@@ -318,12 +310,13 @@ def _agreed(trial_dict: dict | None, attempt: int, world_size: int) -> tuple[dic
 
 
 def train_worker_loop(group: dict) -> None:
-    """The Ray Train per-worker entry point: one worker group runs a whole group of trials."""
+    """The Ray Train per-worker entry point: one worker group runs a whole group of trials (a GroupSpec's dict)."""
     import torch
 
-    torch.set_num_threads(max(1, int(group["cpus_per_worker"])))
+    spec = GroupSpec.from_dict(group)
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     return_freed_memory()
-    run_group(group)
+    run_group(spec)
 
 
 def return_freed_memory() -> None:

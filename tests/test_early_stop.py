@@ -11,6 +11,7 @@ from scaling_lab import spec as spec_lib
 from scaling_lab.analysis import fit_study, load_results
 from scaling_lab.early_stop import EarlyStopSettings, optimum_out_of_reach, should_prune
 from scaling_lab.grid import expand
+from scaling_lab.group import GroupSpec
 from scaling_lab.trial import run_group
 
 ON = EarlyStopSettings(enabled=True, margin=0.05, min_step=10)
@@ -77,8 +78,8 @@ def run_study(tmp_path, enabled: bool):
     directory = tmp_path / ("on" if enabled else "off")
     results.Store(directory).write("spec.yaml", spec_lib.dump(spec).encode())
     trials = sorted(expand(spec), key=lambda t: (t.rank, t.alpha, t.seed))  # all seeds of an α together
-    run_group({"trials": [t.to_dict() for t in trials], "results_dir": str(directory), "cache_dir": str(tmp_path),
-               "base_dir": str(tmp_path), "backend": "simulated", "study": spec.name})
+    run_group(GroupSpec(trials=tuple(t.to_dict() for t in trials), results_dir=str(directory),
+                        cache_dir=str(tmp_path), base_dir=str(tmp_path), backend="simulated", study=spec.name))
     return directory
 
 

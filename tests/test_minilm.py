@@ -103,6 +103,7 @@ def test_the_minilm_package_resolves_to_its_model_folder():
 @pytest.mark.real
 @needs_minilm
 def test_scaled_down_minilm_study_trains_the_real_model(tmp_path):
+    from scaling_lab.group import GroupSpec
     from scaling_lab.trial import run_group
 
     spec = spec_lib.load(ROOT / "studies/minilm.yaml", [
@@ -111,8 +112,8 @@ def test_scaled_down_minilm_study_trains_the_real_model(tmp_path):
     ])
     trials = expand(spec)
     assert len(trials) == 2
-    run_group({"trials": [t.to_dict() for t in trials], "results_dir": str(tmp_path), "cache_dir": str(tmp_path),
-               "base_dir": str(ROOT), "backend": "ray_train", "study": spec.name, "git_commit": None})
+    run_group(GroupSpec(trials=tuple(t.to_dict() for t in trials), results_dir=str(tmp_path), cache_dir=str(tmp_path),
+                        base_dir=str(ROOT), backend="ray_train", study=spec.name))
     rows = results.load(tmp_path).set_index(["rank", "alpha"]).sort_index()
     assert (rows["status"] == "ok").all() and (rows["task"] == "builtin:stdlib-docstrings").all()
     assert rows["model_params"].between(22.5e6, 23.0e6).all()  # MiniLM-L6 with a 7-way head

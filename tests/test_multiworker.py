@@ -10,7 +10,9 @@ import pytest
 
 from scaling_lab import results, spec as spec_lib
 from scaling_lab.grid import expand
-from scaling_lab.study.runner import run_group_trainable
+from scaling_lab.group import GroupSpec
+from scaling_lab.spec import Resources
+from scaling_lab.study.tune_wiring import run_group_trainable
 from simulated_cluster import ROOT, simulated_cluster
 
 pytestmark = pytest.mark.real
@@ -38,20 +40,10 @@ def trials(workers: int) -> list:
 
 def run_on(workers: int, results_dir, cache_dir) -> None:
     """One Ray Train worker group of `workers` runs the trials one after another, as a study group does."""
-    group = {
-        "trials": [t.to_dict() for t in trials(workers)],
-        "resources": {"workers": workers, "cpus_per_worker": 1},
-        "run_id": f"multiworker-{workers}",
-        "results_dir": str(results_dir),
-        "cache_dir": str(cache_dir),
-        "base_dir": str(ROOT),
-        "backend": "ray_train",
-        "study": "multiworker",
-        "git_commit": None,
-        "cpus_per_worker": 1,
-        "max_retries": 0,
-    }
-    run_group_trainable({"group": group})
+    group = GroupSpec(trials=tuple(t.to_dict() for t in trials(workers)), resources=Resources(workers=workers),
+                      run_id=f"multiworker-{workers}", results_dir=str(results_dir), cache_dir=str(cache_dir),
+                      base_dir=str(ROOT), backend="ray_train", study="multiworker", max_retries=0)
+    run_group_trainable({"group": group.to_dict()})
 
 
 def test_two_workers_follow_the_one_worker_loss_curve_under_zero_0_2_and_3(tmp_path, tiny_cache):
@@ -93,12 +85,10 @@ def zero3_trials(alphas, micro_batch_size=None) -> list:
 
 
 def run_group_of(trial_list, run_id: str, results_dir, cache_dir) -> None:
-    group = {
-        "trials": [t.to_dict() for t in trial_list], "resources": {"workers": 2, "cpus_per_worker": 1},
-        "run_id": run_id, "results_dir": str(results_dir), "cache_dir": str(cache_dir), "base_dir": str(ROOT),
-        "backend": "ray_train", "study": "multiworker", "git_commit": None, "cpus_per_worker": 1, "max_retries": 0,
-    }
-    run_group_trainable({"group": group})
+    group = GroupSpec(trials=tuple(t.to_dict() for t in trial_list), resources=Resources(workers=2), run_id=run_id,
+                      results_dir=str(results_dir), cache_dir=str(cache_dir), base_dir=str(ROOT),
+                      backend="ray_train", study="multiworker", max_retries=0)
+    run_group_trainable({"group": group.to_dict()})
 
 
 def test_zero3_later_trials_of_a_group_match_a_fresh_worker_group_and_micro_batches_match(tmp_path, tiny_cache):

@@ -4,6 +4,7 @@ The fault-injection tests that need Ray (killed drivers, workers and nodes, conc
 test_reliability_ray.py.
 """
 
+import dataclasses
 import datetime as dt
 import errno
 import json
@@ -21,7 +22,8 @@ import yaml
 
 from scaling_lab import checkpoint, claims, results, spec as spec_lib
 from scaling_lab.grid import expand
-from scaling_lab.study import runner
+from scaling_lab.group import GroupSpec
+from scaling_lab.study import grouping, results_checks
 from scaling_lab.study.__main__ import main
 from scaling_lab.outcome import TrainOutcome
 from scaling_lab.trial import record_cut_short, result_row, run_group, scrub_secrets
@@ -44,10 +46,9 @@ def simulated_study(tmp_path: Path, data: dict = SPEC) -> results.Store:
     return store
 
 
-def group_of(spec: spec_lib.StudySpec, store: results.Store, **extra) -> dict:
-    return {"trials": [t.to_dict() for t in expand(spec)], "results_dir": str(store), "cache_dir": str(store),
-            "base_dir": str(store), "backend": spec.execution.backend, "study": spec.name, "git_commit": None,
-            **extra}
+def group_of(spec: spec_lib.StudySpec, store: results.Store, **extra) -> GroupSpec:
+    return GroupSpec(trials=tuple(t.to_dict() for t in expand(spec)), results_dir=str(store), cache_dir=str(store),
+                     base_dir=str(store), backend=spec.execution.backend, study=spec.name, **extra)
 
 
 # ---- worker groups that fail past their retries ----
@@ -63,8 +64,8 @@ def test_the_trial_a_failed_worker_group_was_running_becomes_a_row(tmp_path, fai
     spec = spec_lib.parse(SPEC, tmp_path)
     store = results.Store(tmp_path / "results")
     first, second, third = expand(spec)[:3]
-    group = group_of(spec, store, run_id="run-1", resources={"workers": 2})
-    group["trials"] = [t.to_dict() for t in (first, second, third)]
+    group = dataclasses.replace(group_of(spec, store, run_id="run-1", resources=spec_lib.Resources(workers=2)),
+                                trials=tuple(t.to_dict() for t in (first, second, third)))
     results.write_trial(store, {**_row_of(first), "status": "ok"}, [])  # finished before the failure
     claims.acquire(store, second.trial_id, "run-1")  # running when its workers were killed
     claims.acquire(store, third.trial_id, "another-run")  # another driver's: not this group's to record
@@ -79,7 +80,7 @@ def test_the_trial_a_failed_worker_group_was_running_becomes_a_row(tmp_path, fai
 
 def _row_of(config) -> dict:
     return result_row(config, TrainOutcome(status="ok"), study="rel", attempt=1, num_workers=1,
-                      started_at=dt.datetime.now(dt.timezone.utc), git_commit=None, device="cpu")
+                      started_at=dt.datetime.now(dt.UTC), git_commit=None, device="cpu")
 
 
 # ---- claims ----
@@ -150,7 +151,7 @@ def test_a_round_hands_out_higher_ranks_first_and_keeps_the_grid_order_otherwise
     spec = spec_lib.parse({"name": "order", "models": [{"name": "xs", "source": "tiny:xs"}],
                            "grid": {"ranks": [1, 16, 4], "alphas": [8, 64], "seeds": [0, 1]}})
     trials = expand(spec)
-    ordered = runner.longest_first(trials)
+    ordered = grouping.longest_first(trials)
     assert [t.rank for t in ordered] == [16] * 4 + [4] * 4 + [1] * 4
     assert [(t.alpha, t.seed) for t in ordered if t.rank == 4] == [(t.alpha, t.seed) for t in trials if t.rank == 4]
 
@@ -297,8 +298,8 @@ def test_bad_input_is_refused_with_one_line_before_any_compute(tmp_path, monkeyp
 def test_a_changed_spec_says_what_changed_and_keeps_the_old_rows(tmp_path, monkeypatch, capsys):
     store = simulated_study(tmp_path)
     longer = spec_lib.parse({**SPEC, "training": {"steps": 40, "eval_every": 5}}, tmp_path)
-    assert runner.check_results_dir(longer, store) == ["training.steps"]
-    assert len(runner.pending_trials(longer, str(store))[1]) == 6  # part of each trial's identity: all new ids
+    assert results_checks.check_results_dir(longer, store) == ["training.steps"]
+    assert len(results_checks.pending_trials(longer, str(store))[1]) == 6  # part of each trial's identity: all new ids
 
     rows = {p: p.stat().st_mtime_ns for p in (tmp_path / "results/sim/trials").iterdir()}
     monkeypatch.chdir(tmp_path)
@@ -346,7 +347,7 @@ def test_a_real_trial_resumes_from_its_checkpoint_bit_identically(tmp_path, tiny
         "name": "ckpt", "models": [{"name": "xs", "source": "tiny:xs"}], "grid": {"ranks": [2], "alphas": [16]},
         "training": {"steps": 8, "batch_size": 8, "eval_every": 3, "eval_batches": 1, "diagnostics_every": 2},
     })
-    group = {**group_of(spec, results.Store(tmp_path / "fault-free")), "cache_dir": str(tiny_cache)}
+    group = dataclasses.replace(group_of(spec, results.Store(tmp_path / "fault-free")), cache_dir=str(tiny_cache))
     run_group(group)
 
     resumed = results.Store(tmp_path / "resumed")
@@ -359,9 +360,9 @@ def test_a_real_trial_resumes_from_its_checkpoint_bit_identically(tmp_path, tiny
 
     monkeypatch.setattr(checkpoint, "save_engine", killed_after_step_5)
     with pytest.raises(WorkerKilled):
-        run_group({**group, "results_dir": str(resumed), "checkpoint_every": 3})
+        run_group(dataclasses.replace(group, results_dir=str(resumed), checkpoint_every=3))
     monkeypatch.setattr(checkpoint, "save_engine", save)
-    run_group({**group, "results_dir": str(resumed), "checkpoint_every": 3})
+    run_group(dataclasses.replace(group, results_dir=str(resumed), checkpoint_every=3))
 
     trial_id = expand(spec)[0].trial_id
     assert f"trial {trial_id}: resumed from its checkpoint at step 3" in capsys.readouterr().out

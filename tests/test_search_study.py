@@ -1,6 +1,7 @@
-"""Tier 2: the adaptive search as a Ray Tune Searcher over the simulated backend."""
+"""Tier 2: the adaptive search, asynchronous, over the simulated backend: alone, and as a study on local Ray."""
 
 import math
+import random
 from pathlib import Path
 
 import pyarrow as pa
@@ -9,9 +10,11 @@ import pytest
 import yaml
 
 from scaling_lab import results, simulated, spec as spec_lib
+from scaling_lab.group import GroupSpec
+from scaling_lab.search.async_search import AsyncSearch
 from scaling_lab.search.proposals import cell_optimum
+from scaling_lab.search.space import SearchSpace, plan_line, read_rows
 from scaling_lab.study.__main__ import main as study_cli
-from scaling_lab.search.space import SearchSpace, plan_line
 from scaling_lab.trial import run_group
 
 SPEC = {
@@ -32,33 +35,23 @@ def check_optima(results_dir: Path) -> None:
         assert abs(cell_optimum(points) - math.log2(simulated.optimal_alpha(rank))) < 0.1
 
 
-def test_searcher_protocol_without_tune(tmp_path):
-    """Driven as Tune drives it: suggest until None, run what was suggested, report completion, until FINISHED."""
-    from ray.tune.search import Searcher
-
-    from scaling_lab.search.tune_searcher import AdaptiveSearcher
-
+def test_search_over_the_results_store_without_ray(tmp_path):
+    """Driven as the study's queue drives it: poll, run one wanted trial (in a random order), poll again."""
     spec = spec_lib.parse(SPEC)
     store = results.Store(tmp_path)
-
-    def make_groups(todo):
-        return [{"trials": [t.to_dict() for t in todo], "results_dir": str(tmp_path), "cache_dir": str(tmp_path),
-                 "base_dir": str(tmp_path), "backend": "simulated", "study": spec.name}]
-
-    searcher = AdaptiveSearcher(SearchSpace(spec), store, make_groups, note=lambda text: None)
-    suggested, waits = 0, 0
-    for tune_id in map(str, range(100)):
-        suggestion = searcher.suggest(tune_id)
-        if suggestion == Searcher.FINISHED:
+    notes = []
+    search = AsyncSearch(SearchSpace(spec), lambda: read_rows(store), note=notes.append)
+    rng = random.Random(0)
+    while True:
+        wanted, open_shapes = search.poll(results.completed_ids(store))
+        if not wanted:
+            assert not open_shapes, "nothing runs, so the search must not wait"
             break
-        assert suggestion is not None, "nothing runs, so the searcher must not wait"
-        assert searcher.suggest(f"{tune_id}-wait") is None
-        waits += 1
-        suggested += len(suggestion["group"]["trials"])
-        run_group(suggestion["group"])
-        searcher.on_trial_complete(tune_id)
-    assert 2 <= waits <= 4
-    assert len(results.load(tmp_path)) == suggested < GRID_TRIALS / 3
+        trial = rng.choice(wanted)
+        run_group(GroupSpec(trials=(trial.to_dict(),), results_dir=str(tmp_path), cache_dir=str(tmp_path),
+                            base_dir=str(tmp_path), backend="simulated", study=spec.name))
+    assert len(results.load(tmp_path)) < GRID_TRIALS / 3
+    assert any("search done after 3 steps" in note for note in notes), notes
     check_optima(tmp_path)
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from scaling_lab import results, spec as spec_lib
 from scaling_lab.grid import expand
+from scaling_lab.group import GroupSpec
 from scaling_lab.study.plan import describe
 from scaling_lab.trial import run_group
 
@@ -42,15 +43,8 @@ def test_spec_runs_scaled_down(path, tmp_path, tiny_cache):
     spec = spec_lib.load(path, SCALED_DOWN + ([] if on_llama else ["lora.target_modules=all-linear"]))
     trials = expand(spec)
     chosen = [trials[0], trials[-1]] if len(trials) > 1 else trials
-    group = {
-        "trials": [t.to_dict() for t in chosen],
-        "results_dir": str(tmp_path),
-        "cache_dir": str(tiny_cache),
-        "base_dir": str(ROOT),
-        "backend": "ray_train",
-        "study": spec.name,
-        "git_commit": None,
-    }
+    group = GroupSpec(trials=tuple(t.to_dict() for t in chosen), results_dir=str(tmp_path), cache_dir=str(tiny_cache),
+                      base_dir=str(ROOT), backend="ray_train", study=spec.name)
     run_group(group)
     frame = results.load(tmp_path)
     assert len(frame) == len(chosen)

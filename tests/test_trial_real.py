@@ -12,28 +12,22 @@ import pytest
 
 from scaling_lab import results, spec as spec_lib
 from scaling_lab.grid import expand
+from scaling_lab.group import GroupSpec
 from scaling_lab.trial import run_group
 
 pytestmark = pytest.mark.real
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def group_of(trials, results_dir: Path, cache_dir: Path) -> dict:
-    return {
-        "trials": [t.to_dict() for t in trials],
-        "results_dir": str(results_dir),
-        "cache_dir": str(cache_dir),
-        "base_dir": str(ROOT),
-        "backend": "ray_train",
-        "study": "packing",
-        "git_commit": None,
-    }
+def group_of(trials, results_dir: Path, cache_dir: Path) -> GroupSpec:
+    return GroupSpec(trials=tuple(t.to_dict() for t in trials), results_dir=str(results_dir), cache_dir=str(cache_dir),
+                     base_dir=str(ROOT), backend="ray_train", study="packing")
 
 
 def run_alone_in_a_fresh_process(trial, results_dir: Path, cache_dir: Path) -> None:
-    code = ("import json, sys; from scaling_lab.trial import run_group; "
-            "run_group(json.loads(sys.argv[1]))")
-    group = json.dumps(group_of([trial], results_dir, cache_dir))
+    code = ("import json, sys; from scaling_lab.group import GroupSpec; from scaling_lab.trial import run_group; "
+            "run_group(GroupSpec.from_dict(json.loads(sys.argv[1])))")
+    group = json.dumps(group_of([trial], results_dir, cache_dir).to_dict())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code, group], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,6 +13,7 @@ from scaling_lab.study import plan as plan_lib
 from scaling_lab.study import progress
 from scaling_lab.search.space import search_note, study_trial_ids
 from scaling_lab.study.memory_advice import advice_text
+from scaling_lab.study.spec_checks import check_deepspeed_config
 from scaling_lab.study.submit import cmd_submit
 
 DEFAULT_SPEC = "studies/default.yaml"
@@ -30,22 +31,6 @@ def _load(args) -> spec_lib.StudySpec:
     validate_data_source(spec.data, Path.cwd())
     check_deepspeed_config(spec)
     return spec
-
-
-def check_deepspeed_config(spec: spec_lib.StudySpec) -> None:
-    """DeepSpeed validates the config of every shape of trial before anything runs (only where deepspeed.config
-    adds keys of its own: this imports DeepSpeed)."""
-    if not spec.deepspeed.config:
-        return
-    from scaling_lab.grid import expand
-    from scaling_lab.deepspeed_setup import check_deepspeed_config as check
-
-    shapes = {trial.resources.workers: trial for trial in expand(spec)}
-    for workers, trial in shapes.items():
-        try:
-            check(trial, workers)
-        except ValueError as exc:
-            raise spec_lib.SpecError(str(exc)) from None
 
 
 def cmd_plan(args) -> None:

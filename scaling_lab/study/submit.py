@@ -56,7 +56,7 @@ def cmd_submit(args) -> None:
 
 def _validated(spec_path: Path, overrides: list[str]) -> spec_lib.StudySpec:
     from scaling_lab.data import validate_data_source
-    from scaling_lab.study.__main__ import check_deepspeed_config
+    from scaling_lab.study.spec_checks import check_deepspeed_config
 
     spec = spec_lib.load(spec_path, overrides)
     validate_data_source(spec.data, Path.cwd())

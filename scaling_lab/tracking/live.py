@@ -34,7 +34,7 @@ class TrialLogger:
                 _warn(name, "cannot be opened", exc)
 
     @classmethod
-    def for_group(cls, group: dict, store: results.Store) -> TrialLogger | None:
+    def for_group(cls, group, store: results.Store) -> TrialLogger | None:
         """The logger the study's spec.yaml asks for (the driver writes it before any trial), or None."""
         if not store.exists("spec.yaml"):
             return None
@@ -46,7 +46,7 @@ class TrialLogger:
             return None
         if not settings.to:
             return None
-        return cls(settings, group["study"], str(store), Path(group["base_dir"]))
+        return cls(settings, group.study, str(store), Path(group.base_dir))
 
     def log(self, row: dict, curve: list[dict]) -> None:
         record = trial_record(row, curve)

@@ -1,0 +1,54 @@
+"""What keeps a run's lanes busy: a Ray Tune callback on the driver that, a few times a second, adds to the
+study's queue the trials its source wants run (the grid's unfinished trials, or the search's proposals) and
+tells the queue for which shapes more may still come; lanes end once none can.
+
+A trial goes into the queue once: not while it is queued or a lane runs it, not when it is finished, and not
+while another driver's worker holds its claim (it is queued again if that driver abandons it).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray.tune import Callback
+
+from scaling_lab import claims, results
+from scaling_lab.group import shape_of
+from scaling_lab.study.grouping import TrialSource, longest_first, trials_by_shape
+
+FEED_EVERY_S = 0.5
+
+
+class QueueFeeder(Callback):
+    def __init__(self, queue, source: TrialSource, store: results.Store, run_id: str):
+        self.queue, self.source, self.store, self.run_id = queue, source, store, run_id
+        self.fed_at = 0.0
+        self.failed = False
+
+    def feed(self) -> bool:
+        """Queue what the source wants run; whether anything is still running or may still come."""
+        import ray
+
+        self.fed_at = time.monotonic()
+        busy = set(ray.get(self.queue.busy.remote()))  # before the rows: a trial is busy or finished, never neither
+        wanted, open_shapes = self.source.poll(results.completed_ids(self.store))
+        idle = [t for t in wanted if t.trial_id not in busy]
+        elsewhere = set(claims.held_elsewhere(self.store, [t.trial_id for t in idle], self.run_id)) if idle else set()
+        new = [t for t in idle if t.trial_id not in elsewhere]
+        open_shapes |= {shape_of(t) for t in wanted if t.trial_id not in elsewhere}
+        ray.get(self.queue.add.remote({shape: [t.to_dict() for t in members]
+                                       for shape, members in trials_by_shape(longest_first(new)).items()},
+                                      sorted(open_shapes)))
+        return bool(open_shapes)
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if not self.failed and time.monotonic() - self.fed_at >= FEED_EVERY_S:
+            self.feed()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        """A lane failed past its retries: nothing more is queued, the other lanes run what is queued and end, and
+        the study then stops with the lane's failure (its trial stays without a row)."""
+        import ray
+
+        self.failed = True
+        ray.get(self.queue.close.remote())
