@@ -112,8 +112,7 @@ def main() -> None:
 
     import torch
 
-    from scaling_lab import reference_loop
-    from scaling_lab import spec as spec_lib
+    from scaling_lab import reference_loop, spec as spec_lib
     from scaling_lab.grid import expand
 
     gpu, device_name, peak = this_device(args)

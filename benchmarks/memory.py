@@ -127,8 +127,7 @@ def data_worker(rank: int, port: int, spec_dict: dict, report: str, phase: str) 
     _join_group(rank, 1, port)
     import torch
 
-    from scaling_lab import data, models
-    from scaling_lab import spec as spec_lib
+    from scaling_lab import data, models, spec as spec_lib
     from scaling_lab.grid import expand
 
     config = expand(spec_lib.parse(spec_dict))[0]
@@ -176,8 +175,7 @@ def main() -> None:
     import pandas as pd
     import torch.multiprocessing as mp
 
-    from scaling_lab import results
-    from scaling_lab import spec as spec_lib
+    from scaling_lab import results, spec as spec_lib
     from scaling_lab.grid import expand
     from scaling_lab.group import GroupSpec
 

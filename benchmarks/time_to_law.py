@@ -36,8 +36,7 @@ def timed(command: list[str], cwd: Path) -> tuple[float, str]:
 
 
 def warm_up(spec: dict) -> None:
-    from scaling_lab import models
-    from scaling_lab import spec as spec_lib
+    from scaling_lab import models, spec as spec_lib
     from scaling_lab.deepspeed_setup import build_deepspeed_ops
 
     parsed = spec_lib.parse(spec)

@@ -44,8 +44,7 @@ def bare_loop(spec_path: Path, cache_dir: Path) -> None:
     """The trials as a plain PyTorch + PEFT loop; prints when each trial started and ended (JSON)."""
     import torch
 
-    from scaling_lab import reference_loop
-    from scaling_lab import spec as spec_lib
+    from scaling_lab import reference_loop, spec as spec_lib
     from scaling_lab.grid import expand
 
     torch.set_num_threads(1)
@@ -59,8 +58,7 @@ def bare_loop(spec_path: Path, cache_dir: Path) -> None:
 
 def warm_up(spec: dict, cache_dir: Path) -> None:
     """Build what either side would otherwise build on its first run: the cached base model, DeepSpeed's CPU op."""
-    from scaling_lab import models
-    from scaling_lab import spec as spec_lib
+    from scaling_lab import models, spec as spec_lib
     from scaling_lab.deepspeed_setup import build_deepspeed_ops
 
     models.load_base(spec_lib.parse(spec).models[0], cache_dir)
@@ -100,7 +98,8 @@ def main() -> None:
     platform_first = rows["started_at"].iloc[0].timestamp() - platform_start
     platform_steady = rows["wall_time_s"].iloc[1:].mean()
     bare, platform = bare_end - bare_start, platform_end - platform_start
-    print(f"{n} trials of the default study's size (tiny-xs, 80 steps), one at a time, in one worker group, on one core")
+    print(f"{n} trials of the default study's size (tiny-xs, 80 steps), one at a time, in one worker group, "
+          f"on one core")
     print(f"bare PyTorch + PEFT process: {bare:.1f} s; first trial after {bare_first:.1f} s; "
           f"then {bare_steady:.2f} s per trial")
     print(f"through the platform:        {platform:.1f} s; first trial after {platform_first:.1f} s (Ray, Tune, "

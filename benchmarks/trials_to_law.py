@@ -31,9 +31,9 @@ from scaling_lab import results
 from scaling_lab.analysis import FitSettings, PowerLaw, fit_study, from_frame, load_results
 from scaling_lab.grid import TrialConfig, expand
 from scaling_lab.search.proposals import next_step
+from scaling_lab.search.space import SearchSpace
 from scaling_lab.simulated import SEED_NOISE, simulate
 from scaling_lab.spec import parse
-from scaling_lab.search.space import SearchSpace
 
 SIMULATED_SPEC = {
     "name": "trials-to-law",
@@ -93,7 +93,8 @@ def simulated(noise_seeds: int, noise: float, resolution: float) -> None:
     grid_configs = expand(spec)
     print(f"ranks {list(spec.grid.ranks)}, α 2^0…2^16 (17 values), {len(spec.grid.seeds)} seeds per point, "
           f"seed noise {noise}, adaptive resolution {resolution} octave; planted k = 0.5")
-    print(f"{'noise seed':>10} {'grid':>5} {'adaptive':>8}   {'grid k [95% CI]':<28} {'adaptive k [95% CI]':<28} inside")
+    print(f"{'noise seed':>10} {'grid':>5} {'adaptive':>8}   {'grid k [95% CI]':<28} "
+          f"{'adaptive k [95% CI]':<28} inside")
     ratios, widths, inside_all = [], [], True
     for noise_seed in range(noise_seeds):
         grid = exponent(pd.DataFrame([row(c, noise_seed, noise) for c in grid_configs]))

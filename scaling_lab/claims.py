@@ -165,7 +165,7 @@ def acquire(store: results.Store, trial_id: str, run_id: str, timeout_s: float =
         "lane": list(lane) if lane is not None else None,
         "attempt": 1,
         "timeout_s": timeout_s,
-        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "heartbeat_at": time.time(),
     }
     with _locked(store):

@@ -36,7 +36,8 @@ def adapters(model: torch.nn.Module) -> list[Adapter]:
         if isinstance(module, LoraLayer):
             for name, scale in module.scaling.items():
                 found.append(
-                    Adapter(module.lora_A[name].weight, module.lora_B[name].weight, scale, module.get_base_layer().weight)
+                    Adapter(module.lora_A[name].weight, module.lora_B[name].weight, scale,
+                            module.get_base_layer().weight)
                 )
     return found
 

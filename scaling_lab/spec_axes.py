@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from scaling_lab.model_sources import TINY_PREFIX, check_model_source, is_hub_source
+from scaling_lab.model_sources import check_model_source, is_hub_source
 from scaling_lab.spec_base import SpecError, require
 
 SCALING_RULES = ("standard", "rslora", "fixed")

@@ -18,7 +18,8 @@ import hashlib
 import importlib
 import inspect
 import platform
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 

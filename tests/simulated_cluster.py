@@ -33,8 +33,8 @@ def simulated_cluster(head: dict, nodes: list[dict] = ()) -> Iterator:
     worker nodes in the order given.
 
     The cluster keeps its files (and its address file, which a bare `ray.init()` would look up) in a temporary
-    directory of its own and binds no fixed port, so that it never meets another Ray instance on this machine. Its processes inherit
-    this environment: the venv's `python` first on PATH, and the project importable.
+    directory of its own and binds no fixed port, so that it never meets another Ray instance on this machine. Its
+    processes inherit this environment: the venv's `python` first on PATH, and the project importable.
     """
     from ray.cluster_utils import Cluster
 

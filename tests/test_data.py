@@ -11,11 +11,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
+from conftest import WORDS
 
 from scaling_lab import data, data_sources
 from scaling_lab.data import IGNORE_INDEX, DataError
 from scaling_lab.spec import DataSpec, TrainingSettings
-from conftest import WORDS
 
 SYNTHETIC = DataSpec(train_examples=300, eval_examples=50)
 QA_ROWS = [

@@ -4,7 +4,14 @@ import math
 
 import torch
 
-from scaling_lab.diagnostics import Adapter, SignalDrift, norms, spectral_ratios, top_singular_value, update_frobenius_squared
+from scaling_lab.diagnostics import (
+    Adapter,
+    SignalDrift,
+    norms,
+    spectral_ratios,
+    top_singular_value,
+    update_frobenius_squared,
+)
 
 
 def test_signal_and_drift_of_a_gradient_step_on_a_quadratic():
@@ -41,13 +48,15 @@ def test_update_norm_and_spectral_ratio_match_the_dense_update():
     (ratio,) = spectral_ratios([adapter])
     expected = torch.linalg.svdvals(dense)[0] / torch.linalg.svdvals(adapter.weight)[0]
     assert math.isclose(ratio, float(expected), rel_tol=1e-4)
-    assert math.isclose(top_singular_value(adapter.weight), float(torch.linalg.svdvals(adapter.weight)[0]), rel_tol=1e-4)
+    top = float(torch.linalg.svdvals(adapter.weight)[0])
+    assert math.isclose(top_singular_value(adapter.weight), top, rel_tol=1e-4)
 
 
 def test_norms_add_up_in_squares_over_layers():
     first, second = random_adapter(1), random_adapter(2)
     measured = norms([first, second], grad_of=lambda p: torch.ones_like(p))
-    assert math.isclose(measured["lora_a_norm"], math.hypot(first.a.norm().item(), second.a.norm().item()), rel_tol=1e-6)
+    expected_a = math.hypot(first.a.norm().item(), second.a.norm().item())
+    assert math.isclose(measured["lora_a_norm"], expected_a, rel_tol=1e-6)
     assert math.isclose(measured["grad_a_norm"], math.sqrt(2 * 21), rel_tol=1e-9)
     assert math.isclose(measured["grad_b_norm"], math.sqrt(2 * 15), rel_tol=1e-9)
     dense = [ad.scale * ad.b.detach() @ ad.a.detach() for ad in (first, second)]

@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from scaling_lab import results
-from scaling_lab import spec as spec_lib
+from scaling_lab import results, spec as spec_lib
 from scaling_lab.analysis import fit_study, load_results
 from scaling_lab.early_stop import EarlyStopSettings, optimum_out_of_reach, should_prune
 from scaling_lab.grid import expand

@@ -60,7 +60,7 @@ def test_status_says_what_to_change_after_an_oom(tmp_path, capsys):
     config = expand(spec)[0]
     outcome = trial.TrainOutcome(status="oom", error="out of memory: worker peak RSS 11,224 MB; node memory ...")
     row = trial.result_row(config, outcome, study="memory", attempt=1, num_workers=2,
-                           started_at=dt.datetime.now(dt.timezone.utc), git_commit=None, device="cpu")
+                           started_at=dt.datetime.now(dt.UTC), git_commit=None, device="cpu")
     results.write_trial(store, row, [])
     assert main(["status", str(tmp_path / "results")]) == 0
     printed = capsys.readouterr().out

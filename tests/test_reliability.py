@@ -23,9 +23,9 @@ import yaml
 from scaling_lab import checkpoint, claims, results, spec as spec_lib
 from scaling_lab.grid import expand
 from scaling_lab.group import GroupSpec
+from scaling_lab.outcome import TrainOutcome
 from scaling_lab.study import grouping, results_checks
 from scaling_lab.study.__main__ import main
-from scaling_lab.outcome import TrainOutcome
 from scaling_lab.trial import record_cut_short, result_row, run_group, scrub_secrets
 
 SPEC = {

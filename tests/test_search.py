@@ -5,8 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from scaling_lab import simulated
-from scaling_lab import spec as spec_lib
+from scaling_lab import simulated, spec as spec_lib
 from scaling_lab.analysis import FitSettings, fit_study, from_frame
 from scaling_lab.objective import point_value, trial_objective
 from scaling_lab.search.proposals import (

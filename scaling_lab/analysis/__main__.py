@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "source",
-        help="a results directory (with trials/*.parquet; a local path or s3://, gs:// URI), or a .parquet or .csv file",
+        help="a results directory (with trials/*.parquet; a local path or s3://, gs:// URI), "
+        "or a .parquet or .csv file",
     )
     common.add_argument(
         "--convention",
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "equivalence":
             if not fit.equivalence:
                 raise AnalysisError(
-                    f"no α × learning-rate grid: no model and rank has trials at {MIN_AXIS_VALUES} or more values of each"
+                    f"no α × learning-rate grid: no model and rank has trials at {MIN_AXIS_VALUES} or more values "
+                    f"of each"
                 )
             print(format_equivalence(fit))
             return 0

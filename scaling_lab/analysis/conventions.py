@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scaling_lab.objective import RULE_EXPONENTS as RULE_EXPONENTS
-from scaling_lab.objective import effective_scale as effective_scale
+from scaling_lab.objective import RULE_EXPONENTS as RULE_EXPONENTS, effective_scale as effective_scale
 
 CONVENTION_EXPONENTS: dict[str, float] = {"standard": 1.0, "rslora": 0.5, "scale": 0.0}
 

@@ -22,7 +22,6 @@ from scaling_lab.analysis.powerlaw import (
 )
 from scaling_lab.analysis.training_diagnostics import diagnostics_by_alpha, has_diagnostics
 
-
 LEARNING_RATE_HELD_FIXED = ("scaling_rule", "alpha")  # the α as set, under its rule: a learning-rate law's setting
 
 

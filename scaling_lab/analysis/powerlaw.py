@@ -146,7 +146,7 @@ class PowerLaw:
 
     @property
     def supported(self) -> bool:
-        """False when the data do not support this law: too few ranks, a narrow range, or a law that is not a power law."""
+        """False when the data do not support this law: too few ranks, a narrow range, or not a power law."""
         return not self.warnings
 
     def in_convention(self, convention: str) -> PowerLaw:
@@ -305,7 +305,8 @@ def fit_power_law(
             direction = "steepens" if curvature > 0 else "flattens"
             warnings.append(
                 f"log optimum bends against log r ({direction} with rank; curvature {curvature:.3f}, "
-                f"95% CI [{curvature_ci[0]:.3f}, {curvature_ci[1]:.3f}]): not a power law over ranks {ranks[0]}–{ranks[-1]}"
+                f"95% CI [{curvature_ci[0]:.3f}, {curvature_ci[1]:.3f}]): "
+                f"not a power law over ranks {ranks[0]}–{ranks[-1]}"
             )
     if not all(math.isfinite(v) for interval in intervals for v in interval):
         warnings.append("no confidence interval: as many cells as parameters and no spread across seeds")
@@ -429,7 +430,8 @@ def _excludes_zero(interval: tuple[float, float]) -> bool:
 
 
 def _r_squared(y: np.ndarray, weights: np.ndarray, chi2: float) -> float:
-    """Weighted R² in log space. It depends on the convention: a law with k near 0 has R² near 0 however well it fits."""
+    """Weighted R² in log space. It depends on the convention: a law with k near 0 has R² near 0 however well
+    it fits."""
     total = float(np.sum(weights * (y - np.average(y, weights=weights)) ** 2))
     return 1.0 - chi2 / total if total > 0 else math.nan
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from scaling_lab.grid import TrialConfig
 from scaling_lab.group import shape_of
-from scaling_lab.search.proposals import Lattice, Points, SearchSettings, cell_optimum, next_step
+from scaling_lab.search.proposals import Lattice, Points, SearchSettings, group_optima, next_step
 from scaling_lab.search.space import GroupKey, SearchSpace, group_label
 
 
@@ -83,5 +83,5 @@ class AsyncSearch:
 
 
 def _optima(cells: dict) -> str:
-    found = {rank: cell_optimum(points) for rank, points in sorted(cells.items())}
+    found = dict(sorted(group_optima(cells).items()))  # as `fit` finds them
     return "α* " + ", ".join(f"r={r}: {2**x:.4g}" if x is not None else f"r={r}: at an edge" for r, x in found.items())

@@ -9,9 +9,8 @@ from pathlib import Path
 import yaml
 
 from scaling_lab import claims, results, spec as spec_lib
-from scaling_lab.study import plan as plan_lib
-from scaling_lab.study import progress
 from scaling_lab.search.space import search_note, study_trial_ids
+from scaling_lab.study import plan as plan_lib, progress
 from scaling_lab.study.memory_advice import advice_text
 from scaling_lab.study.spec_checks import check_deepspeed_config
 from scaling_lab.study.submit import cmd_submit

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from scaling_lab import results
 from scaling_lab.grid import expand
-from scaling_lab.spec import ModelSpec, StudySpec
 from scaling_lab.search.space import plan_line
+from scaling_lab.spec import ModelSpec, StudySpec
 
 # Stated throughput assumptions for the cost estimate: LoRA training costs about 4·N FLOPs per token
 # (forward 2N, backward through frozen weights 2N, no weight gradients for them).
@@ -71,7 +71,8 @@ def describe(spec: StudySpec, base_dir: Path) -> str:
             continue
         model_flops = FLOPS_PER_PARAM_TOKEN * count * tokens_per_trial * n_trials
         flops += model_flops
-        lines.append(f"  {model.name}: {count / 1e6:.3g}M parameters, {n_trials} trials to run, {model_flops:.3g} FLOPs")
+        lines.append(f"  {model.name}: {count / 1e6:.3g}M parameters, {n_trials} trials to run, "
+                     f"{model_flops:.3g} FLOPs")
     gpu_hours = flops / (GPU_PEAK_FLOPS * GPU_UTILIZATION) / 3600
     cpu_hours = flops / CPU_FLOPS_PER_CORE / 3600
     lines.append(

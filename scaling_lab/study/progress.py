@@ -66,7 +66,9 @@ class RowStatuses:
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class LiveProgress:
@@ -158,7 +160,8 @@ def claims(results_dir: str) -> list[dict]:
     found = []
     for name in store.list(results.CLAIMS, ".json"):
         try:
-            found.append({"trial_id": name.removesuffix(".json"), **json.loads(store.read_bytes(f"{results.CLAIMS}/{name}"))})
+            held = json.loads(store.read_bytes(f"{results.CLAIMS}/{name}"))
+            found.append({"trial_id": name.removesuffix(".json"), **held})
         except (OSError, ValueError):
             continue
     return found

@@ -10,8 +10,8 @@ def check_deepspeed_config(spec: spec_lib.StudySpec) -> None:
     adds keys of its own: this imports DeepSpeed)."""
     if not spec.deepspeed.config:
         return
-    from scaling_lab.grid import expand
     from scaling_lab.deepspeed_setup import check_deepspeed_config as check
+    from scaling_lab.grid import expand
 
     shapes = {trial.resources.workers: trial for trial in expand(spec)}
     for workers, trial in shapes.items():

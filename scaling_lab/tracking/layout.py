@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 PARAMETERS = (
     "model", "rank", "alpha", "learning_rate", "seed", "scaling_rule", "effective_scale", "peft_lora_alpha",
@@ -79,7 +80,7 @@ def _metric_value(value: Any) -> float | None:
 def _timestamp(value: Any) -> dt.datetime | None:
     value = _plain(value)
     if isinstance(value, dt.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     return None
 
 

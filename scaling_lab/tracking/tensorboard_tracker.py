@@ -77,9 +77,9 @@ def _image(tag: str, png: bytes):
 
 def _hparams(trial: TrialRecord) -> list:
     """The HParams plugin's session start and end, built from its protos as TensorBoard's own writers do."""
+    from google.protobuf import struct_pb2
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-    from google.protobuf import struct_pb2
 
     def value(raw) -> struct_pb2.Value:
         if isinstance(raw, bool):
