@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 import yaml
 
+from scaling_lab.model_sources import TINY_PREFIX
 from scaling_lab.search.proposals import SearchSettings
 from scaling_lab.spec_axes import (
     MODEL_KINDS,
     SCALING_RULES,
-    TINY_PREFIX,
     AlphaRange,
     Grid,
     ModelSpec,
