@@ -86,13 +86,15 @@ def _prepared_dir(request: _Request, cache_dir: Path) -> Path:
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Changes whenever the tokenization would: the backend's whole serialization (vocabulary, merges, normalizer,
+    pre-tokenizer, templates, added tokens) hashed as it is written, never parsed: parsing a 32k vocabulary into
+    Python objects cost a worker 7 MB that it kept."""
+    fingerprint = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        # without the truncation and padding that the last call left set on it (the tokenizer is shared by trials)
-        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
-        vocabulary = json.dumps(state, sort_keys=True)
+        fingerprint.update(_backend_serialization(backend).encode())
     else:
-        vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
+        fingerprint.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     settings = {
         "class": type(tokenizer).__name__,
         "special_tokens": tokenizer.special_tokens_map,
@@ -102,8 +104,23 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
         "truncation_side": tokenizer.truncation_side,
         "model_input_names": tokenizer.model_input_names,
     }
-    text = vocabulary + json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    fingerprint.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return fingerprint.hexdigest()
+
+
+def _backend_serialization(backend: Any) -> str:
+    """The backend tokenizer's JSON (its maps written in a fixed order) without the truncation and padding that the
+    last call left set on it: the tokenizer is shared by trials, and transformers sets both again on every call."""
+    truncation, padding = backend.truncation, backend.padding
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        return backend.to_str()
+    finally:
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
 
 
 def _open_prepared(directory: Path, name: str) -> Task:

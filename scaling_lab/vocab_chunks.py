@@ -96,12 +96,21 @@ def chunk_vocabulary_layers(network: nn.Module, dtype: torch.dtype) -> dict[str,
         shape = _shape(head.weight)
         replacements.append((names[head], ChunkedHead(shape[0], shape[1], dtype)))
     for name, chunked in replacements:
+        _free_partition(network.get_submodule(name).weight)
         network.set_submodule(name, chunked)
         first = 0
         for index, chunk in enumerate(chunked.chunks):
             sources[f"{name}.chunks.{index}.weight"] = (f"{name}.weight", first)
             first += _shape(chunk.weight)[0]
     return sources
+
+
+def _free_partition(weight: torch.Tensor) -> None:
+    """Free the replaced weight's ZeRO-3 partition now: DeepSpeed's closures on the weight form a reference cycle
+    that kept it (half a 32k × 1024 weight per worker of 2, in bf16 31 MB each) until a full garbage collection."""
+    partition = getattr(weight, "ds_tensor", None)
+    if partition is not None:
+        partition.data = torch.empty(0, dtype=partition.dtype, device=partition.device)
 
 
 def _shape(weight: torch.Tensor) -> tuple[int, ...]:

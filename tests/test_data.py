@@ -566,3 +566,25 @@ def test_hub_datasets_with_an_eval_split_number_labels_over_both(tmp_path, bert_
     assert evaluated["labels"].tolist() == [2, 0]  # the first held-out rows, in order; "c" numbered with "a", "b"
     assert evaluated["input_ids"][0, 1:3].tolist() == ids(bert_tokenizer, "the mat")
     assert set(whole(task.train)["labels"].tolist()) <= {0, 1}
+
+
+def test_tokenizer_fingerprint_follows_the_tokenization_not_the_last_calls_settings(bert_tokenizer):
+    from tokenizers import normalizers
+
+    from scaling_lab.data_preparation import _tokenizer_fingerprint
+
+    tokenizer = copy.deepcopy(bert_tokenizer)
+    fingerprint = _tokenizer_fingerprint(tokenizer)
+    tokenizer(["the cat sat on the mat"], truncation=True, max_length=4, padding="max_length")
+    left_set = (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding)
+    assert None not in left_set and _tokenizer_fingerprint(tokenizer) == fingerprint
+    assert (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding) == left_set  # restored
+
+    lowercased = copy.deepcopy(bert_tokenizer)
+    lowercased.backend_tokenizer.normalizer = normalizers.Lowercase()
+    grown = copy.deepcopy(bert_tokenizer)
+    grown.add_tokens(["cow"])
+    templated = copy.deepcopy(bert_tokenizer)
+    templated.chat_template = "{{ messages }}"
+    variants = {_tokenizer_fingerprint(t) for t in (lowercased, grown, templated)}
+    assert len(variants) == 3 and fingerprint not in variants

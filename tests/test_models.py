@@ -170,6 +170,7 @@ def test_the_base_loads_in_the_training_precision(tiny_cache, monkeypatch):
 
 
 def _load_partitioned_on_two_workers(rank: int, directory: str, port: int, report: str, chunked: bool) -> None:
+    import gc
     import json
     import os
 
@@ -188,6 +189,9 @@ def _load_partitioned_on_two_workers(rank: int, directory: str, port: int, repor
     zero3 = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     base = models.load_base(ModelSpec(name="m", source=directory), Path(directory) / "cache", "fp32", zero3)
     shares = {name: (p.ds_tensor.numel(), p.ds_numel) for name, p in base.model.named_parameters()}
+    own = {id(p) for p in base.model.parameters()}  # partitions alive outside the model (the replaced weights'):
+    stray = sum(o.ds_tensor.numel() for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and hasattr(o, "ds_tensor") and id(o) not in own)
     saved = safetensors_reader.SafetensorsReader([Path(directory) / "model.safetensors"])
     equal = {}
     for name, param in base.model.named_parameters():
@@ -201,7 +205,7 @@ def _load_partitioned_on_two_workers(rank: int, directory: str, port: int, repor
     with torch.no_grad(), deepspeed.zero.GatheredParameters(list(base.model.parameters())):
         logits = base.model(input_ids=torch.arange(90).reshape(2, 45)).logits
     Path(report, f"{rank}.json").write_text(json.dumps({"shares": shares, "equal": equal, "logits": logits.tolist(),
-                                                         "num_params": base.num_params}))
+                                                         "num_params": base.num_params, "stray": stray}))
     dist.destroy_process_group()
     # At interpreter exit a thread of DeepSpeed's CPU comm op is sometimes destroyed while running, which aborts
     # the process ("terminate called without an active exception") after all of the above has been done.
@@ -239,7 +243,7 @@ def test_zero3_partitions_every_weight_as_it_loads(tmp_path, chunked):
     for rank in (0, 1):
         report = json.loads((tmp_path / f"{rank}.json").read_text())
         assert report["num_params"] == sum(p.numel() for p in saved.parameters())
-        assert set(report["shares"]) == names
+        assert set(report["shares"]) == names and report["stray"] == 0
         for name, (share, whole) in report["shares"].items():
             assert share == -(-whole // 2), name  # each worker holds its half of the weight, padded
         assert all(report["equal"].values())
