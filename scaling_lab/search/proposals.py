@@ -24,13 +24,8 @@ from typing import Literal
 import numpy as np
 
 from scaling_lab.analysis.optimum import CurveOptimum, curve_optimum, shared_shape
-from scaling_lab.objective import metric_column, parabola_vertex, point_value, trial_objective
+from scaling_lab.objective import parabola_vertex
 from scaling_lab.spec_base import SpecError
-
-__all__ = [  # metric_column, point_value and trial_objective: the objective's rules, for the search's callers
-    "Lattice", "Points", "SearchSettings", "Start", "cell_optimum", "expected_points", "group_optima", "law_start",
-    "metric_column", "next_alphas", "next_step", "point_value", "trial_objective",
-]
 
 LATTICE_PER_RESOLUTION = 4
 GOLDEN = 0.381966  # golden-section fraction of a gap, for steps where no parabola can be trusted

@@ -14,7 +14,8 @@ import pandas as pd
 
 from scaling_lab import results
 from scaling_lab.grid import TrialConfig, expand
-from scaling_lab.search.proposals import Lattice, Points, expected_points, metric_column, point_value, trial_objective
+from scaling_lab.objective import metric_column, point_value, trial_objective
+from scaling_lab.search.proposals import Lattice, Points, expected_points
 from scaling_lab.spec import StudySpec
 
 GroupKey = tuple[str, str, float]  # model, scaling rule, learning rate: the cells one law is fitted across

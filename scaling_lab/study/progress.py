@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from scaling_lab import results
-from scaling_lab.search.proposals import metric_column
+from scaling_lab.objective import metric_column
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ study-long queue by one lane per slot, scheduled by Ray Tune on local Ray or a c
 from __future__ import annotations
 
 import contextlib
+import itertools
 import subprocess
 import time
 import uuid
@@ -120,14 +121,14 @@ def _run_lanes(spec: StudySpec, options: RunOptions, results_dir: str, trials: l
         watch = progress.LiveProgress(results_dir, [t.trial_id for t in trials], slots) if live_progress else None
         with watch or contextlib.nullcontext():
             elsewhere_noted = None
-            for round_number in range(10**9):
+            for round_number in itertools.count():
                 wanted, open_shapes = source.poll(results.completed_ids(store))
                 if not wanted and not open_shapes:
                     break
                 elsewhere = set(claims.held_elsewhere(store, [t.trial_id for t in wanted], run_id))
                 if elsewhere and len(elsewhere) != elsewhere_noted:
                     _note(f"{len(elsewhere)} trials are running elsewhere (claimed by another driver); "
-                              f"waiting for them")
+                          f"waiting for them")
                     elsewhere_noted = len(elsewhere)
                 if len(elsewhere) == len(wanted) and not open_shapes:
                     time.sleep(WAIT_POLL_S)
