@@ -35,11 +35,12 @@ class TokenTensors:
 
 class PreparedRows:
     """Tokenized rows of one split, memory-mapped from prepared Arrow: token ids of each row's own length (at
-    most seq_len) and where its loss starts (causal_lm) or its label (seq_cls). A batch is padded on the right
-    to its longest row; labels are made then.
+    most seq_len) and where its loss starts (causal_lm on prompt and completion; text rows, stored without it,
+    have loss on every token) or its label (seq_cls). A batch is padded on the right to its longest row; labels
+    are made then.
 
     Rows are read through numpy views of the Arrow buffers, so a batch touches only its own rows' pages (Arrow's
-    `take` on a table of many record batches would copy whole columns)."""
+    `take` on a table of several record batches would copy whole columns)."""
 
     def __init__(self, table: pa.Table, pad_id: int, pad_token_type_id: int = 0):
         self.table, self.pad_id, self.pad_token_type_id = table, pad_id, pad_token_type_id
@@ -65,10 +66,12 @@ class PreparedRows:
         input_ids, present = self._padded("input_ids", where, self.pad_id)
         if "label" in self._scalars:
             labels = np.array([self._scalars["label"][c][i] for c, i in where], dtype=np.int64)
-        else:
+        elif "loss_start" in self._scalars:
             loss_starts = np.array([self._scalars["loss_start"][c][i] for c, i in where])
             from_loss_start = np.arange(input_ids.shape[1]) >= loss_starts[:, None]
             labels = np.where(present & from_loss_start, input_ids, IGNORE_INDEX)
+        else:
+            labels = np.where(present, input_ids, IGNORE_INDEX)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(present.astype(np.int64)),
@@ -107,15 +110,21 @@ class Task:
 def batch_iterator(split: Split, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches from shuffled epochs; the order depends only on `seed`, never on the global RNG.
 
-    Epochs are concatenated, so every batch is full even when the split is smaller than a batch.
+    Epochs are concatenated, so every batch is full even when the split is smaller than a batch. A batch's indices
+    are a view of its epoch's order, copied only where a batch spans two epochs; one epoch's order is held at a time.
     """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    num_examples = len(split)
-    pending = torch.empty(0, dtype=torch.long)
+    order, position = torch.empty(0, dtype=torch.long), 0
     while True:
-        while len(pending) < batch_size:
-            pending = torch.cat([pending, torch.randperm(num_examples, generator=generator)])
-        indices, pending = pending[:batch_size], pending[batch_size:]
-        yield split.batch(indices)
+        parts, missing = [], batch_size
+        while missing:
+            if position == len(order):  # the next epoch: the last one's order is let go before it is drawn
+                parts = [part.clone() for part in parts]
+                del order
+                order, position = torch.randperm(len(split), generator=generator), 0
+            part = order[position : position + missing]
+            parts.append(part)
+            position, missing = position + len(part), missing - len(part)
+        yield split.batch(parts[0] if len(parts) == 1 else torch.cat(parts))

@@ -1,6 +1,6 @@
 """Text data prepared once per study and tokenizer: data/<name>-<hash> in the cache directory, keyed by everything
 the rows depend on. Only the rows the trials read are tokenized, stored as Arrow in the smallest integer type
-that holds the vocabulary."""
+that holds the vocabulary, in record batches of up to RECORD_BATCH_BYTES (one for most studies)."""
 
 from __future__ import annotations
 
@@ -37,8 +37,11 @@ from scaling_lab.spec_data import DataSpec
 EVAL_HOLDOUT_SEED = 0
 TRAIN_SUBSET_SEED = 0
 ENCODE_BATCH_ROWS = 1000
+# Opening a split touches a page of metadata per record batch, and the kernel maps the 64 kB around every page it
+# touches: datasets' batches of 1,000 rows (86 kB of short rows) made opening map nearly the whole file.
+RECORD_BATCH_BYTES = 64 * 2**20
 # Bump when preparation changes what it stores: prepared text data is then rebuilt.
-PREPARED_FORMAT_VERSION = 1
+PREPARED_FORMAT_VERSION = 2  # 2: record batches of up to RECORD_BATCH_BYTES; text rows without loss_start
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,8 @@ def _label_ids(labels: pd.Series, data: DataSpec) -> dict[str, int] | None:
 
 
 def _write_encoded(table: pd.DataFrame, label_ids: dict[str, int] | None, request: _Request, path: Path) -> None:
-    """Tokenize the rows with datasets' batched map into an Arrow file at `path`; ids truncated to seq_len."""
+    """Tokenize the rows with datasets' batched map (ids truncated to seq_len), then store them at `path` in
+    record batches of up to RECORD_BATCH_BYTES."""
     import datasets
 
     data = _as_prompt_and_completion(request.data)
@@ -217,34 +221,52 @@ def _write_encoded(table: pd.DataFrame, label_ids: dict[str, int] | None, reques
         stored = ["input_ids", "label"] + ["token_type_ids"] * with_token_types
     else:
         encode = _causal_encoder(request.tokenizer, request.seq_len)
-        stored = ["input_ids", "loss_start"]
+        stored = ["input_ids"] + ["loss_start"] * (data.text_column is None)  # text: loss on every token
     rows = datasets.Dataset.from_dict(columns)
     kinds = {"input_ids": datasets.List(datasets.Value(str(request.token_type))), "loss_start": datasets.Value("int32"),
              "label": datasets.Value("int64"), "token_type_ids": datasets.List(datasets.Value("uint8"))}
     features = datasets.Features({name: kinds[name] for name in stored})
+    encoded = path.with_name(f"{path.stem}-encoded.arrow")
     quiet = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
         rows.map(encode, batched=True, batch_size=ENCODE_BATCH_ROWS, remove_columns=rows.column_names,
-                 features=features, cache_file_name=str(path), new_fingerprint=path.stem)
+                 features=features, cache_file_name=str(encoded), new_fingerprint=path.stem)
     finally:
         if not quiet:
             datasets.enable_progress_bars()
+    _write_rebatched(encoded, path)
+    encoded.unlink()
+
+
+def _write_rebatched(source: Path, path: Path) -> None:
+    """The Arrow stream at `source` written to `path` in record batches of up to RECORD_BATCH_BYTES, built one at
+    a time (the source is memory-mapped)."""
+    with pa.memory_map(str(source)) as mapped, pa.ipc.open_stream(mapped) as reader:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as writer:
+            pending, size = [], 0
+            for batch in reader:
+                if pending and size + batch.nbytes > RECORD_BATCH_BYTES:
+                    writer.write_batch(pa.concat_batches(pending))
+                    pending, size = [], 0
+                pending.append(batch)
+                size += batch.nbytes
+            if pending:
+                writer.write_batch(pa.concat_batches(pending))
 
 
 def _causal_encoder(tokenizer: Any, seq_len: int) -> Callable[[dict[str, list]], dict[str, list]]:
-    """Loss on every token of `text`, or on the completion tokens (and a closing EOS) after `prompt`."""
+    """Loss on every token of `text` (no loss_start stored), or on the completion tokens (and a closing EOS)
+    after `prompt`."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def encode(rows: dict[str, list]) -> dict[str, list]:
         if "text" in rows:
-            sequences = tokenizer(rows["text"])["input_ids"]
-            loss_starts = [0] * len(sequences)
-        else:
-            prompts = tokenizer(rows[PROMPT])["input_ids"]
-            completions = tokenizer(rows[COMPLETION], add_special_tokens=False)["input_ids"]
-            sequences = [prompt + completion + eos for prompt, completion in zip(prompts, completions)]
-            loss_starts = [len(prompt) for prompt in prompts]
+            return {"input_ids": [sequence[:seq_len] for sequence in tokenizer(rows["text"])["input_ids"]]}
+        prompts = tokenizer(rows[PROMPT])["input_ids"]
+        completions = tokenizer(rows[COMPLETION], add_special_tokens=False)["input_ids"]
+        sequences = [prompt + completion + eos for prompt, completion in zip(prompts, completions)]
+        loss_starts = [len(prompt) for prompt in prompts]
         return {"input_ids": [sequence[:seq_len] for sequence in sequences], "loss_start": loss_starts}
 
     return encode

@@ -451,8 +451,8 @@ def test_only_the_rows_trials_read_are_tokenized_after_filters_see_every_row(tmp
     assert held_out == row_numbers(everything.eval, causal_tokenizer)[:8]
     assert len(set(train)) == 12 and set(train) <= set(row_numbers(everything.train, causal_tokenizer))
     assert all(number % 4 == 0 for number in train + held_out)
-    stored = task.train.table.schema
-    assert stored.names == ["input_ids", "loss_start"] and stored.field("input_ids").type.value_type == pa.uint16()
+    stored = task.train.table.schema  # text rows have loss on every token: no loss_start is stored
+    assert stored.names == ["input_ids"] and stored.field("input_ids").type.value_type == pa.uint16()
 
 
 def test_prepared_data_is_reused_by_later_loads_and_keyed_by_the_rows_read(tmp_path, causal_tokenizer,
@@ -473,6 +473,56 @@ def test_prepared_data_is_reused_by_later_loads_and_keyed_by_the_rows_read(tmp_p
 
     load(spec, causal_tokenizer, tmp_path, training=budget(steps=6))  # more rows read: prepared anew
     assert calls.texts == 6 * 4 + 30 and len(list((tmp_path / "cache" / "data").glob("numbered-*/"))) == 2
+
+
+def test_prepared_splits_are_read_as_tokenized_from_few_record_batches(tmp_path, causal_tokenizer, monkeypatch):
+    from scaling_lab import data_preparation
+
+    rows = [{"prompt": f"question {' '.join(WORDS[: 1 + i % 7])} ?", "completion": "yes " * (i % 3) + "no"}
+            for i in range(300)]
+    write_table(rows, tmp_path / "lengths.jsonl")
+    spec = DataSpec(source="lengths.jsonl", prompt_column="prompt", completion_column="completion")
+    monkeypatch.setattr(data_preparation, "ENCODE_BATCH_ROWS", 16)  # datasets writes a record batch per 16 rows
+    encoded = {}
+    rebatch = data_preparation._write_rebatched
+
+    def keeping_what_was_tokenized(source: Path, path: Path) -> None:
+        encoded[path.name] = pa.ipc.open_stream(pa.memory_map(str(source))).read_all().to_pylist()
+        rebatch(source, path)
+
+    monkeypatch.setattr(data_preparation, "_write_rebatched", keeping_what_was_tokenized)
+    first = load(spec, causal_tokenizer, tmp_path, seq_len=16)
+    assert first.train.table.column("input_ids").num_chunks == 1 and len(first.train) == 270
+    (prepared,) = (tmp_path / "cache" / "data").glob("lengths-*/")
+    assert {path.name for path in prepared.iterdir()} == {"train.arrow", "eval.arrow", "prepared.json"}
+
+    monkeypatch.setattr(data_preparation, "RECORD_BATCH_BYTES", 1000)
+    data._memo.clear()  # a later worker: reads what the first prepared
+    later = load(spec, causal_tokenizer, tmp_path, seq_len=16)
+    assert later.train.table.column("input_ids").num_chunks == 1
+    for name, split in (("train.arrow", later.train), ("eval.arrow", later.eval)):
+        assert split.table.to_pylist() == encoded[name]
+    monkeypatch.setattr(data_preparation, "_write_rebatched", rebatch)
+    data._memo.clear()  # prepared anew in small record batches: the same batches
+    small = data.load_task(spec, budget(16), kind="causal_lm", tokenizer=causal_tokenizer,
+                           vocab_size=len(causal_tokenizer), base_dir=tmp_path, cache_dir=tmp_path / "other")
+    chunks = small.train.table.column("input_ids").chunks
+    assert 1 < len(chunks) < 270 // 16 and all(chunk.nbytes <= 1000 for chunk in chunks[:-1])
+    spanning = torch.tensor([269, 0, 100, 17, 16, 15, 200, 31, 32, 1])
+    for name, tensor in small.train.batch(spanning).items():
+        assert torch.equal(tensor, later.train.batch(spanning)[name])
+    assert small.train.table.to_pylist() == later.train.table.to_pylist()
+
+
+def test_the_stored_layout_is_part_of_the_prepared_datas_key(tmp_path, causal_tokenizer, monkeypatch):
+    from scaling_lab import data_preparation
+
+    write_table(numbered_rows(20), tmp_path / "numbered.jsonl")
+    request = data_preparation._Request(DataSpec(source="numbered.jsonl", text_column="text"), "causal_lm",
+                                        causal_tokenizer, len(causal_tokenizer), 8, tmp_path, 12, 4)
+    current = data_preparation._prepared_dir(request, tmp_path)
+    monkeypatch.setattr(data_preparation, "PREPARED_FORMAT_VERSION", data_preparation.PREPARED_FORMAT_VERSION - 1)
+    assert data_preparation._prepared_dir(request, tmp_path) != current  # data prepared before is prepared again
 
 
 def test_a_directory_is_built_once_by_concurrent_callers(tmp_path):
