@@ -45,6 +45,23 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def resident_mb() -> dict[str, float]:
+    """Resident now: anonymous memory, and pages of files (libraries' code, memory maps)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {name: int(fields[name].split()[0]) / 1024 for name in ("RssAnon", "RssFile")}
+
+
+def mapped_mb(folder: Path) -> float:
+    """Resident pages of the files under `folder` that this process maps."""
+    total_kb, counted = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if not line[:1].isupper():  # a mapping's first line: its address range, ..., and its file
+            counted = line.split()[-1].startswith(str(folder))
+        elif counted and line.startswith("Rss:"):
+            total_kb += int(line.split()[1])
+    return total_kb / 1024
+
+
 def build_model(directory: Path, hidden: int, layers: int) -> int:
     """A Llama from config with a word-level tokenizer beside it; returns its parameter count."""
     import torch
@@ -132,7 +149,7 @@ def data_worker(rank: int, port: int, spec_dict: dict, report: str, phase: str) 
 
     config = expand(spec_lib.parse(spec_dict))[0]
     tokenizer = models._tokenizer(config.model.source, {})
-    baseline = peak_rss_mb()
+    resident, baseline = resident_mb(), peak_rss_mb()
     started = time.perf_counter()
     task = data.load_task(config.data, config.training, kind="causal_lm", tokenizer=tokenizer,
                           vocab_size=VOCAB_SIZE, base_dir=ROOT, cache_dir=Path(report) / "cache")
@@ -146,9 +163,12 @@ def data_worker(rank: int, port: int, spec_dict: dict, report: str, phase: str) 
         for batch in [task.eval.batch(held_out)] + [None] * config.training.total_steps:
             batch = batch if batch is not None else next(batches)  # one batch at a time, as a trial reads them
             tokens += int(batch["attention_mask"].sum()) if trial == 0 else 0
+    peak_mb = peak_rss_mb()
+    grown = {name: mb - resident[name] for name, mb in resident_mb().items()}  # read after the peak: not in it
     Path(report, f"data-{phase}.json").write_text(json.dumps({
-        "baseline_mb": baseline, "opened_mb": opened_mb, "peak_mb": peak_rss_mb(), "load_s": load_s, "tokens": tokens,
-        "token_bytes": tokens * itemsize,
+        "baseline_mb": baseline, "opened_mb": opened_mb, "peak_mb": peak_mb, "load_s": load_s, "tokens": tokens,
+        "token_bytes": tokens * itemsize, "prepared_files_mb": mapped_mb(Path(report) / "cache"),
+        "files_grown_mb": grown["RssFile"], "anonymous_grown_mb": grown["RssAnon"],
     }))
 
 
@@ -231,6 +251,10 @@ def main() -> None:
               f" MB above its idle baseline at the peak; a later worker opened them in {later['load_s']:.3f} s "
               f"({opening_mb:,.1f} MB: the tokenizer's fingerprint, the memory maps) and read {later['tokens']:,} "
               f"tokens ({read_mb:.2f} MB as stored) with {reading_mb:,.1f} MB more: {data_mb:,.1f} MB in all",
+              flush=True)
+        print(f"what it has resident above its baseline at the end: {later['prepared_files_mb']:.1f} MB of the "
+              f"prepared files' pages, {later['files_grown_mb'] - later['prepared_files_mb']:.1f} MB of other files' "
+              f"pages (libraries' code run for the first time), {later['anonymous_grown_mb']:.1f} MB anonymous",
               flush=True)
 
     print()

@@ -39,7 +39,7 @@ TRAIN_SUBSET_SEED = 0
 ENCODE_BATCH_ROWS = 1000
 # Opening a split touches a page of metadata per record batch, and the kernel maps the 64 kB around every page it
 # touches: datasets' batches of 1,000 rows (86 kB of short rows) made opening map nearly the whole file.
-RECORD_BATCH_BYTES = 64 * 2**20
+RECORD_BATCH_BYTES = 32 * 2**20
 # Bump when preparation changes what it stores: prepared text data is then rebuilt.
 PREPARED_FORMAT_VERSION = 2  # 2: record batches of up to RECORD_BATCH_BYTES; text rows without loss_start
 
