@@ -323,6 +323,15 @@ def test_batch_iterator_depends_only_on_its_seed():
     assert sorted(first[0] + first[1]) == list(range(10)) == sorted(first[2] + first[3])  # whole epochs
 
 
+def test_batch_iterator_cuts_consecutive_batches_from_the_seeded_epochs():
+    for rows, batch_size in ((7, 3), (6, 3), (3, 8)):  # batches across epochs, epochs of whole batches, tiny split
+        generator = torch.Generator().manual_seed(5)
+        epochs = torch.cat([torch.randperm(rows, generator=generator) for _ in range(8 * batch_size // rows + 1)])
+        batches = data.batch_iterator(data.TokenTensors(torch.arange(rows).unsqueeze(1)), batch_size, seed=5)
+        for start in range(0, 8 * batch_size, batch_size):  # the order the published studies were trained in
+            assert next(batches)["input_ids"].flatten().tolist() == epochs[start : start + batch_size].tolist()
+
+
 def test_batch_iterator_fills_batches_larger_than_the_split():
     split = data.TokenTensors(torch.arange(3).unsqueeze(1))
     batch = next(data.batch_iterator(split, batch_size=8, seed=0))
