@@ -1,6 +1,6 @@
 """Text data prepared once per study and tokenizer: data/<name>-<hash> in the cache directory, keyed by everything
 the rows depend on. Only the rows the trials read are tokenized, stored as Arrow in the smallest integer type
-that holds the vocabulary, in record batches of up to RECORD_BATCH_BYTES (one for most studies)."""
+that holds the vocabulary, in record batches of up to RECORD_BATCH_BYTES (one for a split under 32 MB)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ EVAL_HOLDOUT_SEED = 0
 TRAIN_SUBSET_SEED = 0
 ENCODE_BATCH_ROWS = 1000
 # Opening a split touches a page of metadata per record batch, and the kernel maps the 64 kB around every page it
-# touches: datasets' batches of 1,000 rows (86 kB of short rows) made opening map nearly the whole file.
+# touches: datasets' batches of 1,000 rows (86 kB of short rows) made opening map three quarters of the file.
 RECORD_BATCH_BYTES = 32 * 2**20
 # Bump when preparation changes what it stores: prepared text data is then rebuilt.
 PREPARED_FORMAT_VERSION = 2  # 2: record batches of up to RECORD_BATCH_BYTES; text rows without loss_start
