@@ -48,7 +48,8 @@ class SearchSettings:
     resolution: float = 1.0  # octaves: a cell is done when its best α has neighbours this close on both sides
     initial_points: int = 5  # the coarse design across the α range for a cell with no law to start from
     max_points: int = 12  # α values per cell at most
-    other_seeds: Literal["every_alpha", "best_alpha"] = "every_alpha"  # where seeds after the first run
+    # where the seeds after the first run: at every α, or at each cell's best α only (module docstring)
+    other_seeds: Literal["every_alpha", "best_alpha"] = "every_alpha"
 
     def check(self, path: str, alphas: tuple[float, ...]) -> None:
         if not (self.resolution > 0 and math.isfinite(self.resolution)):
@@ -118,7 +119,7 @@ def _initial_design(lattice: Lattice, settings: SearchSettings, start: Start | N
     if start is None:
         return coarse
     half = math.ceil(max(start.half_width, settings.resolution) / lattice.step - 1e-9) * lattice.step
-    if 2 * half >= lattice.high - lattice.low:
+    if 2 * half >= lattice.high - lattice.low:  # the law's window spans the whole range: it tells nothing
         return coarse
     centre = lattice.snap(float(np.clip(start.centre, lattice.low + half, lattice.high - half)))
     return [centre - half, centre, centre + half]
