@@ -1,7 +1,7 @@
 """Replay the adaptive search on the published grid's rows: what a search setting would cost in trial seconds and
 what k intervals `fit` would give, in seconds instead of a real study.
 
-Each (model, rank, seed) curve of analysis/default/results is interpolated over log2 α (monotone cubic through the
+Each (model, rank, seed) curve of analysis/default/results is interpolated over log2 α (a cubic spline through the
 finite grid points, straight on past the last one); an α beyond the midpoint between a seed's last finite and first
 diverged grid point diverges. Off the grid's α, the interpolated loss gets Gaussian noise of the trial-to-trial
 size measured in those rows (`--noise`), drawn per noise seed. A finite trial costs its cell's mean finite trial
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.interpolate import PchipInterpolator
+from scipy.interpolate import CubicSpline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,7 +34,6 @@ from scaling_lab.analysis import FitSettings, fit_study, from_frame  # noqa: E40
 from scaling_lab.search.proposals import next_step  # noqa: E402
 from scaling_lab.search.space import SearchSpace  # noqa: E402
 
-VERBOSE = "--verbose" in sys.argv
 PUBLISHED = ROOT / "analysis/default/results"
 
 
@@ -51,7 +50,7 @@ class Replay:
             finite = group[group.status == "ok"]
             first_diverged = group.loc[(group.status != "ok") & (group.x > finite.x.max()), "x"]
             self.templates[model, rank, seed] = group.iloc[0].to_dict()
-            self.curves[model, rank, seed] = PchipInterpolator(finite.x, finite.final_eval_loss, extrapolate=True)
+            self.curves[model, rank, seed] = CubicSpline(finite.x, finite.final_eval_loss)
             self.edges[model, rank, seed] = (finite.x.max() + first_diverged.min()) / 2 if len(first_diverged) else 99
             self.grid_x[model, rank, seed] = set(np.round(group.x, 3))
         for (model, rank), group in rows.groupby(["model", "rank"]):
@@ -88,16 +87,23 @@ def run_search(space: SearchSpace, replay: Replay) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def k_widths(frame: pd.DataFrame) -> dict[str, float]:
+def laws(frame: pd.DataFrame) -> dict[str, tuple[float, float, float]]:
+    """k and its 95% interval of every law `fit --by model` finds: per model, and joint."""
     study = fit_study(from_frame(frame), FitSettings(by_model=True, n_bootstrap=200))
-    widths = {}
+    found = {}
     for tested in [*study.alpha_laws, *study.joint_laws]:
-        name = dict(tested.law.group).get("model", "joint")
         law = tested.law
-        widths[name] = float(law.k_ci[1] - law.k_ci[0]) if hasattr(law, "k_ci") else math.inf
-        if VERBOSE:
-            print(f"    {name}: k = {law.k:.3f} [{law.k_ci[0]:.3f}, {law.k_ci[1]:.3f}]")
-    return widths
+        if hasattr(law, "k_ci"):
+            found[dict(law.group).get("model", "joint")] = (law.k, *law.k_ci)
+    return found
+
+
+def dense_grid(replay: Replay, space: SearchSpace) -> pd.DataFrame:
+    """The replayed curves on a grid 1/4 octave apart over the whole α range, every seed: the k they imply."""
+    xs = np.arange(space.lattice.low, space.lattice.high + 1e-9, 0.25)
+    return pd.DataFrame([replay.row(c.model.name, c.rank, c.seed, float(2**x), c.trial_id)
+                         for key in space.groups for rank in space.templates[key] for x in xs
+                         for c in space.configs(key, rank, float(2**x))])
 
 
 def per_rank(frame: pd.DataFrame) -> str:
@@ -108,7 +114,6 @@ def per_rank(frame: pd.DataFrame) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--override", action="append", default=[], help="a spec override (repeatable)")
-    parser.add_argument("--verbose", action="store_true", help="print every law's k and interval")
     parser.add_argument("--noise-seeds", type=int, default=5)
     parser.add_argument("--noise", type=float, default=0.0054, help="loss noise off the grid's α (one trial's sd)")
     args = parser.parse_args()
@@ -116,21 +121,31 @@ def main() -> None:
     spec = spec_lib.load(ROOT / "studies/default.yaml", ["search.method=adaptive", *args.override])
     space = SearchSpace(spec)
     grid_s = float(grid_rows.wall_time_s.sum())
-    grid_widths = k_widths(grid_rows)
-    print(f"grid: {len(grid_rows)} trials, {grid_s:.0f} s; k widths "
-          + ", ".join(f"{name} {w:.3f}" for name, w in grid_widths.items()))
-    ratios = []
+    grid_laws = laws(grid_rows)
+    dense_laws = laws(dense_grid(Replay(grid_rows, 0.0, 0), space))
+    print(f"grid: {len(grid_rows)} trials, {grid_s:.0f} s; k " + _ks(grid_laws))
+    print("dense noiseless grid of the replayed curves (what the replay's k is): k " + _ks(dense_laws))
+    ratios, covered = [], {name: 0 for name in dense_laws}
     for noise_seed in range(args.noise_seeds):
         frame = run_search(space, Replay(grid_rows, args.noise, noise_seed))
-        widths = k_widths(frame)
+        found = laws(frame)
         trial_s = float(frame.wall_time_s.sum())
         ratios.append(trial_s / grid_s)
-        wider = [name for name, w in widths.items() if w > grid_widths[name]]
+        wider = [name for name, (_, low, high) in found.items() if high - low > grid_laws[name][2] - grid_laws[name][1]]
+        for name, (_, low, high) in found.items():
+            covered[name] += low <= dense_laws[name][0] <= high
         diverged = int((frame.status != "ok").sum())
         print(f"noise seed {noise_seed}: {len(frame)} trials ({diverged} diverged), {trial_s:.0f} s "
-              f"({trial_s / grid_s:.3f}); k widths " + ", ".join(f"{n} {w:.3f}" for n, w in widths.items())
-              + (f"; WIDER: {', '.join(wider)}" if wider else "") + f"; α per cell {per_rank(frame)}", flush=True)
+              f"({trial_s / grid_s:.3f}); k {_ks(found)}" + (f"; WIDER: {', '.join(wider)}" if wider else "")
+              + f"; α per cell {per_rank(frame)}", flush=True)
+    print("the dense grid's k inside the search's interval: "
+          + ", ".join(f"{name} {n}/{args.noise_seeds}" for name, n in covered.items()))
     print(f"median adaptive ÷ grid trial time: {statistics.median(ratios):.3f}")
+
+
+def _ks(found: dict[str, tuple[float, float, float]]) -> str:
+    return ", ".join(f"{name} {k:.3f} [{low:.3f}, {high:.3f}] (width {high - low:.3f})"
+                     for name, (k, low, high) in found.items())
 
 
 if __name__ == "__main__":
