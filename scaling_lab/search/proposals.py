@@ -48,7 +48,7 @@ class SearchSettings:
     resolution: float = 1.0  # octaves: a cell is done when its best α has neighbours this close on both sides
     initial_points: int = 5  # the coarse design across the α range for a cell with no law to start from
     max_points: int = 12  # α values per cell at most
-    # where the seeds after the first run: at every α, or at each cell's best α only (module docstring)
+    # where the seeds after the first one run: at every α, or only at each cell's best α (module docstring)
     other_seeds: Literal["every_alpha", "best_alpha"] = "every_alpha"
 
     def check(self, path: str, alphas: tuple[float, ...]) -> None:
