@@ -7,6 +7,7 @@ import math
 import random
 
 import pandas as pd
+import pytest
 
 from scaling_lab import simulated, spec as spec_lib
 from scaling_lab.search.async_search import AsyncSearch
@@ -40,9 +41,11 @@ def synchronous(space: SearchSpace, noise_seed: int, durations: Durations) -> tu
     rows: dict[str, dict] = {}
     elapsed = 0.0
     (key,) = space.groups
-    while step := next_step(space.measured(frame(list(rows.values())))[key], space.lattice, space.settings):
-        todo = [c for rank, alphas in step.items() for a in alphas for c in space.configs(key, rank, a)
-                if c.trial_id not in rows]
+    while True:
+        cells, incomplete = space.measured_seeds(frame(list(rows.values())))
+        step = next_step(cells[key], space.lattice, space.settings, incomplete[key])
+        todo = [c for rank, alphas in step.items() for a in alphas
+                for c in space.configs(key, rank, a, cells[key][rank]) if c.trial_id not in rows]
         if not todo:
             break
         elapsed += makespan([durations[c.trial_id] for c in todo], slots=3)
@@ -90,8 +93,9 @@ class Durations(dict):
         return self[trial_id]
 
 
-def test_asynchronous_search_measures_what_the_synchronous_one_does_and_finishes_sooner():
-    space = SearchSpace(spec_lib.parse(SPEC))
+@pytest.mark.parametrize("other_seeds", ["every_alpha", "best_alpha"])
+def test_asynchronous_search_measures_what_the_synchronous_one_does_and_finishes_sooner(other_seeds):
+    space = SearchSpace(spec_lib.parse({**SPEC, "search": {**SPEC["search"], "other_seeds": other_seeds}}))
     (key,) = space.groups
     sync_time = async_time = 0.0
     for noise_seed in range(8):
@@ -99,9 +103,12 @@ def test_asynchronous_search_measures_what_the_synchronous_one_does_and_finishes
         sync_rows, sync_elapsed = synchronous(space, noise_seed, durations)
         async_rows, async_elapsed = asynchronous(space, noise_seed, durations)
         assert set(async_rows) == set(sync_rows), f"noise seed {noise_seed}"
-        sync_cells = space.measured(frame(list(sync_rows.values())))[key]
+        sync_cells, incomplete = (found[key] for found in space.measured_seeds(frame(list(sync_rows.values()))))
         async_cells = space.measured(frame(list(async_rows.values())))[key]
         for rank, points in sync_cells.items():
+            best = min(points, key=points.__getitem__)
+            assert best not in incomplete[rank], "every seed runs at a cell's best α"
+            assert bool(incomplete[rank]) == (other_seeds == "best_alpha")  # the other α at the first seed only
             found, expected = cell_optimum(async_cells[rank]), cell_optimum(points)
             assert found is not None and math.isclose(found, expected, rel_tol=1e-9, abs_tol=1e-9)
             assert abs(found - math.log2(simulated.optimal_alpha(rank))) < 1.0  # and near the true optimum

@@ -18,6 +18,7 @@ from scaling_lab.search.proposals import (
     next_alphas,
     next_step,
 )
+from scaling_lab.search.space import SearchSpace
 
 RANKS = [2**i for i in range(9)]
 SETTINGS = SearchSettings(method="adaptive", resolution=1.0)
@@ -91,6 +92,41 @@ def test_neighbour_that_diverged_is_approached_by_golden_section():
     assert next_alphas(points, LATTICE, SETTINGS) == [90.5097, 2048.0]  # 0.38 of each gap, on the lattice
 
 
+def test_law_start_measures_three_points_unless_its_window_spans_the_range():
+    settings = SearchSettings(method="adaptive", resolution=1.5, initial_points=4)
+    lattice = Lattice.between(2**7.5, 2**15, settings.resolution)  # coarse design 2.5 octaves apart
+    near = [math.log2(a) for a in next_alphas({}, lattice, settings, Start(10.0, 0.5))]
+    assert len(near) == 3 and near[1] - near[0] == pytest.approx(1.5) and near[2] - near[1] == pytest.approx(1.5)
+    assert len(next_alphas({}, lattice, settings, Start(10.0, 4.0))) == 4  # the law knows too little: coarse
+
+
+def test_other_seeds_at_the_best_alpha_once_the_cell_is_done():
+    settings = SearchSettings(method="adaptive", resolution=1.0, other_seeds="best_alpha")
+    loss = surface(16)  # α* = 64
+    done = {a: loss(a) for a in (32.0, 64.0, 128.0)}
+    assert next_alphas(done, LATTICE, settings, incomplete={32.0, 64.0, 128.0}) == [64.0]
+    assert next_alphas(done, LATTICE, settings, incomplete={32.0, 128.0}) == []
+    wide = {a: loss(a) for a in (16.0, 64.0, 256.0)}
+    assert next_alphas(wide, LATTICE, settings, incomplete=set(wide)) == [32.0, 128.0]  # not done: search first
+
+
+def test_other_seeds_run_new_alphas_at_the_first_seed_and_complete_measured_ones():
+    data = {"name": "s", "models": [{"name": "xs", "source": "tiny:xs"}],
+            "grid": {"ranks": [1, 4], "alphas": {"min": 1, "max": 4096, "num": 7}, "seeds": [0, 1, 2]},
+            "search": {"method": "adaptive", "other_seeds": "best_alpha"}}
+    space = SearchSpace(spec_lib.parse(data))
+    (key,) = space.groups
+    assert [c.seed for c in space.configs(key, 4, 64.0, {})] == [0]
+    assert [c.seed for c in space.configs(key, 4, 64.0, {64.0: 1.0})] == [0, 1, 2]
+    rows = [{"trial_id": c.trial_id, "model": "xs", "scaling_rule": c.scaling_rule, "learning_rate": c.learning_rate,
+             "rank": 4, "seed": c.seed, "alpha": c.alpha, "status": "ok", "final_eval_loss": loss}
+            for c, loss in zip(space.configs(key, 4, 64.0) + space.configs(key, 4, 16.0)[:1], [1.0, 1.2, 1.1, 2.0])]
+    cells, incomplete = space.measured_seeds(pd.DataFrame(rows, columns=space.columns))
+    assert cells[key][4] == {64.0: pytest.approx(1.1), 16.0: 2.0} and incomplete[key][4] == {16.0}
+    every = SearchSpace(spec_lib.parse({**data, "search": {"method": "adaptive"}}))
+    assert every.measured(pd.DataFrame(rows, columns=space.columns))[key][4] == {64.0: pytest.approx(1.1)}
+
+
 def test_law_start_interpolates_and_widens_with_scatter():
     start = law_start({1: 4.0, 256: 8.0}, 16, SETTINGS.resolution)
     assert start.centre == pytest.approx(6.0) and start.half_width == SETTINGS.resolution
@@ -115,6 +151,7 @@ def test_proposals_are_reproducible_lattice_points():
         ({"method": "adaptive", "resolution": 0}, "search.resolution: expected a number of octaves > 0"),
         ({"method": "adaptive", "initial_points": 2}, "search.initial_points: expected an integer >= 3"),
         ({"method": "adaptive", "resolution": 8}, "grid.alphas: an adaptive search needs a range of at least"),
+        ({"method": "adaptive", "other_seeds": "best"}, "search.other_seeds: expected one of"),
     ],
 )
 def test_search_spec_errors_name_the_field(search_spec, message):

@@ -58,6 +58,8 @@ def test_search_over_the_results_store_without_ray(tmp_path):
 def test_plan_states_the_grid_count_and_the_adaptive_range():
     line = plan_line(spec_lib.parse(SPEC))
     assert f"the full grid would need {GRID_TRIALS} trials" in line and "expected 40–96 trials" in line
+    at_best = plan_line(spec_lib.parse({**SPEC, "search": {"method": "adaptive", "other_seeds": "best_alpha"}}))
+    assert "expected 24–96 trials" in at_best and "the first seed, the others at the best" in at_best
 
 
 @pytest.mark.ray

@@ -10,7 +10,7 @@ the rows it finds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import pandas as pd
 
@@ -20,14 +20,14 @@ from scaling_lab.search.proposals import Lattice, Points, SearchSettings, group_
 from scaling_lab.search.space import GroupKey, SearchSpace, group_label
 
 
-def cell_steps(cells: Mapping[int, Points], running: set[int], lattice: Lattice,
-               settings: SearchSettings) -> dict[int, list[float]]:
+def cell_steps(cells: Mapping[int, Points], running: set[int], lattice: Lattice, settings: SearchSettings,
+               incomplete: Mapping[int, Collection[float]] | None = None) -> dict[int, list[float]]:
     """The next α values of the ranks of one law group that have no trial running (rank → measured points);
     a rank not started yet waits while the smallest or largest rank, whose optima it starts from, runs."""
     ranks = sorted(cells)
     first = {ranks[0], ranks[-1]}
     started = {rank for rank in ranks if cells[rank] or rank in running}
-    return {rank: alphas for rank, alphas in next_step(cells, lattice, settings).items()
+    return {rank: alphas for rank, alphas in next_step(cells, lattice, settings, incomplete).items()
             if rank not in running and (rank in started or rank in first or not running & first)}
 
 
@@ -57,14 +57,15 @@ class AsyncSearch:
                 if group == key and any(t.trial_id not in done for t in trials)}
 
     def _advance(self, done: set[str]) -> None:
-        cells = self.space.measured(self.rows())
+        cells, incomplete = self.space.measured_seeds(self.rows())
         for key in self.space.groups:
             if key in self.finished:
                 continue
             running = self._running(key, done)
             ranks = sorted(cells[key])
-            for rank, alphas in cell_steps(cells[key], running, self.space.lattice, self.space.settings).items():
-                todo = [config for alpha in alphas for config in self.space.configs(key, rank, alpha)
+            steps = cell_steps(cells[key], running, self.space.lattice, self.space.settings, incomplete[key])
+            for rank, alphas in steps.items():
+                todo = [config for alpha in alphas for config in self.space.configs(key, rank, alpha, cells[key][rank])
                         if config.trial_id not in done]
                 if not todo:
                     continue

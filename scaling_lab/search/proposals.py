@@ -10,6 +10,10 @@ Within a law group (one model, scaling rule and learning rate) the smallest and 
 from a coarse design across the α range; every other rank starts from the power law fitted to the optima found so
 far (an interpolation), usually needing only its best α and the two confirmation points.
 
+With `other_seeds: best_alpha` a new α runs at the first seed only and the other seeds run at each cell's best α
+once the cell is done, the search going on should that move the best α: the seeds' mean matters at the optimum,
+and the noise of the single-seed points shows in the scatter of the optima about the law.
+
 Proposed α values lie on a lattice of resolution/4 octaves anchored at the lower bound, so that a search repeated
 on the same results proposes the same α values (and so the same trial ids).
 """
@@ -17,7 +21,7 @@ on the same results proposes the same α values (and so the same trial ids).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +48,8 @@ class SearchSettings:
     resolution: float = 1.0  # octaves: a cell is done when its best α has neighbours this close on both sides
     initial_points: int = 5  # the coarse design across the α range for a cell with no law to start from
     max_points: int = 12  # α values per cell at most
+    # where the seeds after the first one run: at every α, or only at each cell's best α (module docstring)
+    other_seeds: Literal["every_alpha", "best_alpha"] = "every_alpha"
 
     def check(self, path: str, alphas: tuple[float, ...]) -> None:
         if not (self.resolution > 0 and math.isfinite(self.resolution)):
@@ -90,16 +96,22 @@ class Lattice:
         return float(f"{2.0**x:.6g}")
 
 
-def next_alphas(points: Points, lattice: Lattice, settings: SearchSettings, start: Start | None = None) -> list[float]:
-    """The α values to measure next in one cell; an empty list when the cell is done."""
+def next_alphas(points: Points, lattice: Lattice, settings: SearchSettings, start: Start | None = None,
+                incomplete: Collection[float] = ()) -> list[float]:
+    """The α values to measure next in one cell; an empty list when the cell is done. `incomplete`: the measured
+    α values some seeds have not run (other_seeds: best_alpha); a measured α proposed again is run at those."""
     if not points:
         return _new_alphas(_initial_design(lattice, settings, start), [], lattice)
-    if len(points) >= settings.max_points:
-        return []
-    measured = sorted((math.log2(alpha), value) for alpha, value in points.items())
-    xs = np.array([x for x, _ in measured])
-    ys = np.array([y for _, y in measured])
-    return _new_alphas(_proposals(xs, ys, lattice, settings.resolution), xs, lattice)
+    proposed = []
+    if len(points) < settings.max_points:
+        measured = sorted((math.log2(alpha), value) for alpha, value in points.items())
+        xs = np.array([x for x, _ in measured])
+        ys = np.array([y for _, y in measured])
+        proposed = _new_alphas(_proposals(xs, ys, lattice, settings.resolution), xs, lattice)
+    best = min(points, key=points.__getitem__)
+    if not proposed and best in incomplete and math.isfinite(points[best]):
+        return [best]  # done at the first seed: the other seeds at the best α
+    return proposed
 
 
 def _initial_design(lattice: Lattice, settings: SearchSettings, start: Start | None) -> list[float]:
@@ -107,7 +119,7 @@ def _initial_design(lattice: Lattice, settings: SearchSettings, start: Start | N
     if start is None:
         return coarse
     half = math.ceil(max(start.half_width, settings.resolution) / lattice.step - 1e-9) * lattice.step
-    if 2 * half >= coarse[1] - coarse[0]:
+    if 2 * half >= lattice.high - lattice.low:  # the law's window spans the whole range: it tells nothing
         return coarse
     centre = lattice.snap(float(np.clip(start.centre, lattice.low + half, lattice.high - half)))
     return [centre - half, centre, centre + half]
@@ -216,12 +228,15 @@ def law_start(optima: Mapping[int, float], rank: int, resolution: float) -> Star
     return Start(float(intercept + slope * u), max(resolution, half_width))
 
 
-def next_step(cells: Mapping[int, Points], lattice: Lattice, settings: SearchSettings) -> dict[int, list[float]]:
+def next_step(cells: Mapping[int, Points], lattice: Lattice, settings: SearchSettings,
+              incomplete: Mapping[int, Collection[float]] | None = None) -> dict[int, list[float]]:
     """The next α values of every rank of one law group (rank → measured points, empty when not started);
-    an empty dict when the whole group is done."""
+    an empty dict when the whole group is done. `incomplete`: rank → measured α values some seeds have not run."""
     ranks = sorted(cells)
     first = {ranks[0], ranks[-1]}
-    step = {rank: next_alphas(cells[rank], lattice, settings) for rank in ranks if cells[rank] or rank in first}
+    incomplete = incomplete or {}
+    step = {rank: next_alphas(cells[rank], lattice, settings, incomplete=incomplete.get(rank, ()))
+            for rank in ranks if cells[rank] or rank in first}
     if any(step[rank] for rank in first):
         return {rank: alphas for rank, alphas in step.items() if alphas}
     done = group_optima({rank: cells[rank] for rank in step if not step[rank]})

@@ -47,9 +47,13 @@ class SearchSpace:
     def groups(self) -> list[GroupKey]:
         return list(self.templates)
 
-    def configs(self, key: GroupKey, rank: int, alpha: float) -> list[TrialConfig]:
-        """The trials that measure `alpha` in one cell: one per seed."""
-        return [dataclasses.replace(t, alpha=alpha) for t in self.templates[key][rank].values()]
+    def configs(self, key: GroupKey, rank: int, alpha: float, points: Points | None = None) -> list[TrialConfig]:
+        """The trials that measure `alpha` in one cell: one per seed; with other_seeds: best_alpha, an α not among
+        the cell's measured `points` at the first seed only (a measured one proposed again: at every seed)."""
+        templates = list(self.templates[key][rank].values())
+        if self.settings.other_seeds == "best_alpha" and points is not None and alpha not in points:
+            templates = templates[:1]
+        return [dataclasses.replace(t, alpha=alpha) for t in templates]
 
     def _is_member(self, row: dict) -> bool:
         """Whether the row is this study's trial at its α (and not, say, one run under another spec)."""
@@ -72,7 +76,13 @@ class SearchSpace:
         return [row for row in frame[self.columns].to_dict("records") if self._is_member(row)]
 
     def measured(self, frame: pd.DataFrame) -> dict[GroupKey, dict[int, Points]]:
-        """Every cell's points (α → seed-averaged objective) from the α values all of whose seeds finished."""
+        """Every cell's points (α → seed-averaged objective) from the α values all of whose seeds finished (with
+        other_seeds: best_alpha, whose first seed finished: the mean of the seeds finished)."""
+        return self.measured_seeds(frame)[0]
+
+    def measured_seeds(self, frame: pd.DataFrame) -> tuple[dict[GroupKey, dict[int, Points]],
+                                                          dict[GroupKey, dict[int, set[float]]]]:
+        """measured's points, and every cell's measured α values that some seeds have not run."""
         objectives: dict[tuple[GroupKey, int, float], dict[int, float | None]] = defaultdict(dict)
         for row in self.rows(frame):
             key = (row["model"], row["scaling_rule"], row["learning_rate"])
@@ -80,10 +90,15 @@ class SearchSpace:
                 row["status"], row[self.column], self.maximize
             )
         cells = {key: {rank: {} for rank in by_rank} for key, by_rank in self.templates.items()}
+        incomplete = {key: {rank: set() for rank in by_rank} for key, by_rank in self.templates.items()}
         for (key, rank, alpha), by_seed in objectives.items():
-            if set(by_seed) == set(self.templates[key][rank]):
+            seeds = list(self.templates[key][rank])
+            complete = set(by_seed) == set(seeds)
+            if complete or (self.settings.other_seeds == "best_alpha" and seeds[0] in by_seed):
                 cells[key][rank][alpha] = point_value(list(by_seed.values()))
-        return cells
+                if not complete:
+                    incomplete[key][rank].add(alpha)
+        return cells, incomplete
 
 
 def read_rows(store: results.Store) -> pd.DataFrame:
@@ -114,9 +129,14 @@ def plan_line(spec: StudySpec) -> str:
     seeds = len(spec.grid.seeds)
     low, high = expected_points(len(spec.grid.ranks), spec.search)
     alphas = spec.grid.alpha_values()
+    if spec.search.other_seeds == "best_alpha":  # the first seed at every α, the others at each cell's best
+        fewest = (low + (seeds - 1) * len(spec.grid.ranks)) * groups
+        seeds_note = "the first seed, the others at the best"
+    else:
+        fewest, seeds_note = low * groups * seeds, f"{seeds} seed(s)"
     return (
         f"  search: adaptive, α between {min(alphas):g} and {max(alphas):g} to {spec.search.resolution:g} octave; "
         f"the full grid would need {grid_trials} trials, the adaptive count depends on the results: expected "
-        f"{low * groups * seeds}–{high * groups * seeds} trials ({low}–{high} α values per law group × {groups} "
-        f"group(s) × {seeds} seed(s)); costs below are for the full grid"
+        f"{fewest}–{high * groups * seeds} trials ({low}–{high} α values per law group × {groups} "
+        f"group(s) × {seeds_note}); costs below are for the full grid"
     )
