@@ -149,6 +149,9 @@ def data_worker(rank: int, port: int, spec_dict: dict, report: str, phase: str) 
 
     config = expand(spec_lib.parse(spec_dict))[0]
     tokenizer = models._tokenizer(config.model.source, {})
+    # A training worker has run torch's tensor code (loading its model) before it reads a batch; so does this one,
+    # so that the first run of that code, shared by every process on the node, is not counted as data.
+    int(torch.randperm(8, generator=torch.Generator().manual_seed(0)).sum())
     resident, baseline = resident_mb(), peak_rss_mb()
     started = time.perf_counter()
     task = data.load_task(config.data, config.training, kind="causal_lm", tokenizer=tokenizer,
@@ -249,7 +252,7 @@ def main() -> None:
         print(f"data (a study of {args.data_steps} steps × {args.data_batch} sequences, 2 trials): the first worker "
               f"prepared {args.rows:,} rows in {first['load_s']:.1f} s, {first['peak_mb'] - first['baseline_mb']:,.0f}"
               f" MB above its idle baseline at the peak; a later worker opened them in {later['load_s']:.3f} s "
-              f"({opening_mb:,.1f} MB: the tokenizer's fingerprint, the memory maps) and read {later['tokens']:,} "
+              f"({opening_mb:,.1f} MB: the prepared files' maps) and read {later['tokens']:,} "
               f"tokens ({read_mb:.2f} MB as stored) with {reading_mb:,.1f} MB more: {data_mb:,.1f} MB in all",
               flush=True)
         print(f"what it has resident above its baseline at the end: {later['prepared_files_mb']:.1f} MB of the "
@@ -258,7 +261,8 @@ def main() -> None:
               flush=True)
 
     print()
-    print(pd.DataFrame(summary).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if summary:
+        print(pd.DataFrame(summary).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"data memory of a worker ÷ bytes of the tokens its trials read: {data_mb / read_mb:.2f} (target ≤ 2); "
           f"reading alone: {reading_mb / read_mb:.2f}")
     worst = {stage: max((s["memory ratio"] for s in summary if s["configuration"].startswith(f"ZeRO-{stage} ")),
