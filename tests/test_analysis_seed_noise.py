@@ -104,3 +104,18 @@ def test_fully_replicated_cells_are_resampled_as_before(without_correction):
             )
             assert new.flags == old.flags
             np.testing.assert_allclose(new.bootstrap_log_optimum, old.bootstrap_log_optimum, rtol=1e-12)
+
+
+def test_the_method_section_describes_the_draws_only_where_some_point_lacks_a_seed():
+    from types import SimpleNamespace
+
+    from scaling_lab.analysis import FitSettings, methods
+    from scaling_lab.analysis.markdown_report import _method
+
+    rng = np.random.default_rng(13)
+    for every_seed_everywhere in (True, False):
+        trials, _ = planted_study(rng, n_seeds=2, every_seed_everywhere=every_seed_everywhere)
+        fit = SimpleNamespace(settings=FitSettings(), alpha_cells=tuple(optima(trials)), learning_rate_cells=())
+        text = "\n".join(_method(fit))
+        assert (methods.SEED_NOISE in text) is not every_seed_everywhere
+        assert methods.UNCERTAINTY.format(n_bootstrap=FitSettings().n_bootstrap) in text
