@@ -125,7 +125,7 @@ def main() -> None:
     dense_laws = laws(dense_grid(Replay(grid_rows, 0.0, 0), space))
     print(f"grid: {len(grid_rows)} trials, {grid_s:.0f} s; k " + _ks(grid_laws))
     print("dense noiseless grid of the replayed curves (what the replay's k is): k " + _ks(dense_laws))
-    ratios, covered = [], {name: 0 for name in dense_laws}
+    ratios, covered, widths = [], {name: 0 for name in dense_laws}, {name: [] for name in dense_laws}
     for noise_seed in range(args.noise_seeds):
         frame = run_search(space, Replay(grid_rows, args.noise, noise_seed))
         found = laws(frame)
@@ -134,12 +134,14 @@ def main() -> None:
         wider = [name for name, (_, low, high) in found.items() if high - low > grid_laws[name][2] - grid_laws[name][1]]
         for name, (_, low, high) in found.items():
             covered[name] += low <= dense_laws[name][0] <= high
+            widths[name].append(high - low)
         diverged = int((frame.status != "ok").sum())
         print(f"noise seed {noise_seed}: {len(frame)} trials ({diverged} diverged), {trial_s:.0f} s "
               f"({trial_s / grid_s:.3f}); k {_ks(found)}" + (f"; WIDER: {', '.join(wider)}" if wider else "")
               + f"; α per cell {per_rank(frame)}", flush=True)
     print("the dense grid's k inside the search's interval: "
           + ", ".join(f"{name} {n}/{args.noise_seeds}" for name, n in covered.items()))
+    print("median k interval width: " + ", ".join(f"{name} {statistics.median(w):.3f}" for name, w in widths.items()))
     print(f"median adaptive ÷ grid trial time: {statistics.median(ratios):.3f}")
 
 

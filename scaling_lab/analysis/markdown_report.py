@@ -213,4 +213,8 @@ def _method(fit: StudyFit) -> list[str]:
     settings = fit.settings
     edge_policy = methods.EDGE_OPTIMA_KEPT if settings.keep_edge else methods.EDGE_OPTIMA_LEFT_OUT
     values = {"n_bootstrap": settings.n_bootstrap, "tolerance": settings.tolerance, "edge_policy": edge_policy}
-    return "\n\n".join(part.format(**values) for part in methods.METHOD_PARTS).split("\n")
+    parts = list(methods.METHOD_PARTS)
+    cells = (*fit.alpha_cells, *fit.learning_rate_cells)
+    if any(cell.n_trials < cell.n_seeds * len(cell.grid) for cell in cells):  # some point lacks one of its cell's seeds
+        parts.insert(parts.index(methods.UNCERTAINTY) + 1, methods.SEED_NOISE)
+    return "\n\n".join(part.format(**values) for part in parts).split("\n")

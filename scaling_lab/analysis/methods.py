@@ -27,6 +27,13 @@ by √(S/(S−1)) for S seeds), each refitted by the same estimator, combined wi
 step/√12 for a parabola or a grid point (whose error on an asymmetric bowl reaches a third of a step), a third of
 that for a bowl fit (shapes outside its four leave errors of up to about 0.2 steps)."""
 
+# follows UNCERTAINTY in a report whose study has such points (none in a grid study)
+SEED_NOISE = """\
+**Points with fewer seeds.** A point measured by fewer seeds than the rest of its cell (an adaptive search's
+`other_seeds: best_alpha`), which resampling its own seeds cannot move, is drawn in each resample about its mean
+with the seed-to-seed standard deviation pooled over the model's points measured by two seeds or more, divided by
+√(its seeds)."""
+
 ASYMMETRIC = """\
 **asymmetric** (flag): the bowl fit moved the optimum away from the three-point parabola's by more than its own
 95% interval. *Suggested α*: for these cells, and for cells where no bowl could be fitted, the two values half a

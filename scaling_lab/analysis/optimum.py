@@ -6,10 +6,11 @@ points or more, one on each side at least, the optimum is the vertex of an asymm
 (bowl.py: separate shapes below and above the optimum); otherwise the best point is refined by a parabola in
 log(axis) through it and its two neighbours, which assumes a symmetric bowl; when a neighbour is missing or
 diverged the grid point stands. The uncertainty comes from a bootstrap over seeds within the cell through the
-same estimator, plus the grid's resolution: a grid-point optimum is only known to within ±Δ/2 of a grid step Δ
-(standard deviation Δ/√12). A parabola's optimum keeps that whole term (on a loss four times steeper above the
-optimum than below it is off by about 0.28 Δ); a bowl fit's keeps a third of it (shapes outside its families
-leave errors of up to about 0.2 Δ, benchmarks/asymmetric_optimum.py).
+same estimator (a point that fewer seeds measured than the cell's others is drawn with the seed spread pooled over
+the model's replicated points: seed_noise.py), plus the grid's resolution: a grid-point optimum is only known to
+within ±Δ/2 of a grid step Δ (standard deviation Δ/√12). A parabola's optimum keeps that whole term (on a loss
+four times steeper above the optimum than below it is off by about 0.28 Δ); a bowl fit's keeps a third of it
+(shapes outside its families leave errors of up to about 0.2 Δ, benchmarks/asymmetric_optimum.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from scaling_lab.analysis.bowl import POINTS_PER_SIDE, BowlFit, bowl_window, fit_bowl, refit_bowls
+from scaling_lab.analysis.seed_noise import draw_underreplicated, seed_spread_of_rows, underreplicated
 from scaling_lab.objective import parabola_vertex, seed_means
 
 MIN_FINITE_POINTS = 3
@@ -153,6 +155,7 @@ def find_optima(
             keys[name] = np.round(np.log(trials[name].to_numpy()), 9)
     cell_code = keys.groupby(cell_columns, sort=True, observed=True).ngroup().to_numpy()
     order = np.argsort(cell_code, kind="stable")
+    row_spread = seed_spread_of_rows(keys, trials, axis, fixed_columns)[order]
     bounds = np.searchsorted(cell_code[order], np.arange(cell_code.max() + 2))
 
     model = pd.Categorical(trials["model"])
@@ -166,8 +169,11 @@ def find_optima(
     for start, stop in itertools.pairwise(bounds):
         cell = {name: values[start:stop] for name, values in columns.items()}
         model_name = str(model.categories[cell["model"][0]])
-        cells.append((cell, model_name))
-        optima.append(_cell_optimum(cell, model_name, axis, fixed_columns, maximize, n_bootstrap, rng, tolerance))
+        spread = float(row_spread[start])
+        cells.append((cell, model_name, spread))
+        optima.append(
+            _cell_optimum(cell, model_name, axis, fixed_columns, maximize, n_bootstrap, rng, tolerance, spread)
+        )
     # Four points cannot choose a bowl's shape: cells with four take the shape most cells of their model (at the
     # same fixed values) chose from five or more, with its steepness; the two half-parabolas when none chose.
     shapes: dict[tuple, list[tuple[int, float]]] = {}
@@ -177,9 +183,9 @@ def find_optima(
     for index, optimum in enumerate(optima):
         chosen = shared_shape(shapes.get((optimum.model, optimum.held_fixed), []))
         if optimum.estimator_reason.startswith(FOUR_POINTS) and chosen:
-            cell, model_name = cells[index]
+            cell, model_name, spread = cells[index]
             optima[index] = _cell_optimum(
-                cell, model_name, axis, fixed_columns, maximize, n_bootstrap, rng, tolerance, chosen
+                cell, model_name, axis, fixed_columns, maximize, n_bootstrap, rng, tolerance, spread, chosen
             )
     return optima
 
@@ -203,6 +209,7 @@ def _cell_optimum(
     n_bootstrap: int,
     rng: np.random.Generator,
     tolerance: float,
+    seed_spread: float | None = None,
     assumed_shape: tuple[int, float] | None = None,
 ) -> CellOptimum:
     _, first_index, point_index = np.unique(np.round(np.log(cell[axis]), 9), return_index=True, return_inverse=True)
@@ -225,7 +232,7 @@ def _cell_optimum(
     means = seed_means(np.ones((1, len(seeds))), per_seed, present, any_diverged)[0]
     curve = curve_optimum(log_grid, means, assumed_shape)
     log_optimum, value, best, refined = curve.log_optimum, curve.value, curve.best, curve.refined
-    resampled = _resampled_means(per_seed, present, any_diverged, means, n_bootstrap, rng)
+    resampled = _resampled_means(per_seed, present, any_diverged, means, n_bootstrap, rng, seed_spread)
     bootstrap, bootstrap_best, _, _ = locate_optima(log_grid, resampled)
     fitted_bowl = curve.bowl is not None
     if fitted_bowl:
@@ -387,8 +394,10 @@ def _resampled_means(
     means: np.ndarray,
     n_bootstrap: int,
     rng: np.random.Generator,
+    seed_spread: float | None = None,
 ) -> np.ndarray:
-    """Seed means over the grid for `n_bootstrap` resamples of the seeds (replicates × grid points).
+    """Seed means over the grid for `n_bootstrap` resamples of the seeds (replicates × grid points); points fewer
+    seeds measured than the cell's others are drawn with `seed_spread` instead (seed_noise.draw_underreplicated).
 
     Only points that can be the best in some resample, and their neighbours, are computed; the others are +inf,
     which changes no resample's optimum. A point can be the best only if its lowest possible resampled mean is
@@ -406,6 +415,9 @@ def _resampled_means(
         stretched = np.isfinite(means)
         lowest = np.where(stretched, means + inflation * (lowest - means), lowest)
         highest = np.where(stretched, means + inflation * (highest - means), highest)
+    seeds_at_point = present.sum(axis=0)
+    drawn = underreplicated(seeds_at_point, n_seeds, means, seed_spread)
+    lowest, highest = np.where(drawn, -np.inf, lowest), np.where(drawn, np.inf, highest)
     reachable = lowest <= highest.min()
     # the bowl fit reads up to POINTS_PER_SIDE neighbours on each side of any point that can be the best
     index = np.arange(len(means))
@@ -420,7 +432,7 @@ def _resampled_means(
     with np.errstate(invalid="ignore"):
         inflated = means[columns] + inflation * (chosen - means[columns])
     resampled[:, columns] = np.where(np.isfinite(chosen) & np.isfinite(means[columns]), inflated, chosen)
-    return resampled
+    return draw_underreplicated(resampled, means, seeds_at_point, n_seeds, seed_spread, rng)
 
 
 def _grid_step(log_grid: np.ndarray, index: int) -> float:
