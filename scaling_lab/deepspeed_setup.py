@@ -171,7 +171,7 @@ def destroy_engine(engine) -> None:
       ZeRO-3 offload manager) and `ds_inflight_param_registry`: a later engine finds them set and reuses them
       instead of making its own, so its backward pass would run through the finished engine's manager;
     - on every parameter, `_z3_optimizer`, the engine's ZeRO-3 optimizer.
-    The engine is then left in reference cycles that only the garbage collector frees (train.fine_tune calls it).
+    The engine is then left in reference cycles that only the garbage collector frees (train.fine_tune runs it).
     """
     engine.destroy()
     module = engine.module

@@ -154,8 +154,9 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
               should_stop: Callable[[int, float], bool] | None = None) -> TrainOutcome:
     with setup(config, cache_dir, base_dir) as run:
         outcome = train(run, checkpoints, should_stop)
-    del run
-    gc.collect()  # a destroyed ZeRO-3 engine is left in reference cycles: freed now, before the next trial loads
+    if config.deepspeed.zero_stage == 3:  # the destroyed engine is left in reference cycles, with buffers sized
+        del run  # by the model: freed now rather than at Python's next full collection, during the next trial
+        gc.collect()
     return outcome
 
 
