@@ -156,3 +156,39 @@ def check_deepspeed_config(config: TrialConfig, world_size: int) -> None:
     except Exception as exc:  # DeepSpeed raises pydantic errors, AssertionError, ValueError, KeyError ...
         reason = " ".join(str(exc).split())[:300]
         raise ValueError(f"deepspeed.config: DeepSpeed rejects it: {type(exc).__name__}: {reason}") from None
+
+
+def destroy_engine(engine) -> None:
+    """Free a trial's engine: `engine.destroy()`, and what DeepSpeed 0.19 leaves behind under ZeRO-3.
+
+    The trials of a group share one base model (models.load_base); everything below hangs off it or off a global,
+    and each keeps the finished trial's engine, PEFT model and optimizer (with its fp32 partitions) alive:
+    - `parameter_offload.FWD_MODULE_STACK`, a global list: the engine's top module (the PEFT model) is pushed on it
+      at set-up and never popped;
+    - the lru_cache of `PartitionedParameterCoordinator.__params_to_release` (one for the class, not one per
+      engine): its keys hold the engine's parameter coordinator and the modules it released, the PEFT model among them;
+    - on every module of the base, `pre_bwd_fn` / `post_bwd_fn` (autograd functions whose closures hold the engine's
+      ZeRO-3 offload manager) and `ds_inflight_param_registry`: a later engine finds them set and reuses them
+      instead of making its own, so its backward pass would run through the finished engine's manager;
+    - on every parameter, `_z3_optimizer`, the engine's ZeRO-3 optimizer.
+    The engine is then left in reference cycles that only the garbage collector frees (train.fine_tune runs it).
+    """
+    engine.destroy()
+    module = engine.module
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None:
+        offload.FWD_MODULE_STACK[:] = [entry for entry in offload.FWD_MODULE_STACK if entry is not module]
+    coordinator_module = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    if coordinator_module is not None:
+        instrumented = vars(coordinator_module.PartitionedParameterCoordinator).get(
+            "_PartitionedParameterCoordinator__params_to_release")
+        # instrument_w_nvtx wraps the cached function without functools.wraps: it is found in the closure.
+        # Clearing it costs any other engine in the process only the recomputation.
+        for cell in getattr(instrumented, "__closure__", None) or ():
+            if hasattr(cell.cell_contents, "cache_clear"):
+                cell.cell_contents.cache_clear()
+    for submodule in module.modules():
+        for name in ("pre_bwd_fn", "post_bwd_fn", "ds_inflight_param_registry"):
+            submodule.__dict__.pop(name, None)
+    for parameter in module.parameters():
+        parameter.__dict__.pop("_z3_optimizer", None)

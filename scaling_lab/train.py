@@ -5,6 +5,7 @@ Runs inside a Ray Train worker (torch.distributed already initialized) or in a p
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -19,7 +20,13 @@ import torch
 import torch.distributed as dist
 
 from scaling_lab import checkpoint, data as data_lib, diagnostics, models
-from scaling_lab.deepspeed_setup import clips_outside_deepspeed, deepspeed_config, import_deepspeed, micro_batch_size
+from scaling_lab.deepspeed_setup import (
+    clips_outside_deepspeed,
+    deepspeed_config,
+    destroy_engine,
+    import_deepspeed,
+    micro_batch_size,
+)
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
 from scaling_lab.skeleton import TrialSkeleton
@@ -146,7 +153,11 @@ def fine_tune(config: TrialConfig, cache_dir: Path, base_dir: Path,
               checkpoints: checkpoint.TrialCheckpoints | None = None,
               should_stop: Callable[[int, float], bool] | None = None) -> TrainOutcome:
     with setup(config, cache_dir, base_dir) as run:
-        return train(run, checkpoints, should_stop)
+        outcome = train(run, checkpoints, should_stop)
+    if config.deepspeed.zero_stage == 3:  # the destroyed engine is left in reference cycles, with buffers sized
+        del run  # by the model: freed now rather than at Python's next full collection, during the next trial
+        gc.collect()
+    return outcome
 
 
 @dataclass
@@ -244,7 +255,7 @@ def setup(config: TrialConfig, cache_dir: Path, base_dir: Path) -> Iterator[Run]
                 data_time_s=data_time_s,
             ),
         )
-        engine.destroy()
+        destroy_engine(engine)
 
 
 def train(run: Run, checkpoints: checkpoint.TrialCheckpoints | None = None,

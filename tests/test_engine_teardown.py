@@ -1,0 +1,41 @@
+"""Tier 3: a finished trial's DeepSpeed engine is freed, though the base model it trained on lives on."""
+
+import weakref
+from pathlib import Path
+
+import pytest
+
+from scaling_lab import results, spec as spec_lib, train
+from scaling_lab.grid import expand
+from scaling_lab.group import GroupSpec
+from scaling_lab.trial import run_group
+
+pytestmark = pytest.mark.real
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_zero3_trial_leaves_no_engine_behind_for_the_next_trial_of_its_group(tmp_path, tiny_cache, monkeypatch):
+    """The trials of a group share one base; under ZeRO-3, DeepSpeed ties each engine to it (scaling_lab/
+    deepspeed_setup.py's destroy_engine): every finished trial's engine, PEFT model and optimizer must be freed."""
+    spec = spec_lib.parse({
+        "name": "teardown", "models": [{"name": "xs", "source": "tiny:xs"}],
+        "grid": {"ranks": [2], "alphas": [16, 64, 256], "seeds": [0]},
+        "training": {"steps": 2, "batch_size": 4, "eval_every": 2, "eval_batches": 1},
+        "deepspeed": {"zero_stage": 3},
+    })
+    trials = expand(spec)
+    finished, alive_at_destroy = [], []
+    destroy_engine = train.destroy_engine
+
+    def destroy_and_watch(engine):
+        alive_at_destroy.append([ref() is not None for refs in finished for ref in refs])  # the trials before
+        finished.append((weakref.ref(engine), weakref.ref(engine.module), weakref.ref(engine.optimizer)))
+        destroy_engine(engine)
+
+    monkeypatch.setattr(train, "destroy_engine", destroy_and_watch)
+    group = GroupSpec(trials=tuple(t.to_dict() for t in trials), results_dir=str(tmp_path), cache_dir=str(tiny_cache),
+                      base_dir=str(ROOT), backend="ray_train", study="teardown")
+    run_group(group)
+    assert list(results.load(tmp_path)["status"]) == ["ok"] * 3
+    assert alive_at_destroy == [[], [False] * 3, [False] * 6]
+    assert [ref() is not None for refs in finished for ref in refs] == [False] * 9
