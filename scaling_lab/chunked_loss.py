@@ -3,7 +3,7 @@ the cross-entropy run over blocks of (tokens × vocabulary rows), so that only o
 forward and backward (the backward pass computes each block's logits again). The plain path (transformers' forward)
 keeps the logits of every token over the whole vocabulary, their fp32 upcast and the softmax's gradient: at a 128k
 vocabulary and 2 × 2048 tokens that is 4 × 0.5 G elements, several GB. Blocks of BLOCK_ELEMENTS keep it at a few
-times 16 MB.
+times 4 MB.
 
 Under ZeRO-3 each weight of the head (one per chunk of rows where the head is chunked: scaling_lab/vocab_chunks.py)
 is gathered once per forward and once per backward pass, as the plain path gathers it, not once per block of tokens:
@@ -32,7 +32,8 @@ IGNORE_INDEX = -100  # transformers' label for positions without a loss
 # four times over at the plain path's peak. Below, the logits cost little and the plain path is kept, so that small
 # models (the embedded tiny family: 64 words) compute bit for bit what they always computed.
 MIN_CHUNKED_LOGITS = 1 << 21
-BLOCK_ELEMENTS = 1 << 22  # logits computed at once (tokens × vocabulary rows): 16 MB in fp32
+BLOCK_ELEMENTS = 1 << 20  # logits computed at once (tokens × vocabulary rows): 4 MB in fp32
+ROWS_PER_BLOCK = 8192  # vocabulary rows of a block: at most, 128 tokens at once
 # Model types whose causal-LM forward is the head on the body's last hidden state, then transformers' shifted
 # cross-entropy, with nothing between (no logit scaling or soft-capping, no auxiliary loss).
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "starcoder2", "gpt2"})
@@ -179,20 +180,22 @@ def _sums(hidden: torch.Tensor, targets: torch.Tensor, weights: tuple) -> tuple[
 
 def _blocks(hidden: torch.Tensor, weights: tuple, with_weight: bool = False) -> Iterator[tuple]:
     """(token slice, first vocabulary row, fp32 logits) of every block: each weight gathered once (under ZeRO-3;
-    every worker gathers every weight, even one without tokens), its tokens in slices of BLOCK_ELEMENTS logits."""
+    every worker gathers every weight, even one without tokens), in slices of at most ROWS_PER_BLOCK rows, its tokens
+    in slices of BLOCK_ELEMENTS logits."""
     from deepspeed.runtime.zero import GatheredParameters
 
     first = 0
     for weight in weights:
         with GatheredParameters([weight]):  # a no-op for weights that ZeRO-3 does not partition
-            rows = len(weight)
-            step = max(1, BLOCK_ELEMENTS // rows)
-            for start in range(0, len(hidden), step):
-                tokens = slice(start, start + step)
-                # As the plain path: the logits in the model's precision, then in fp32 for the loss.
-                logits = nn.functional.linear(hidden[tokens], weight).float()
-                yield (tokens, first, logits, weight) if with_weight else (tokens, first, logits)
-        first += rows
+            for row in range(0, len(weight), ROWS_PER_BLOCK):
+                rows = weight[row : row + ROWS_PER_BLOCK]
+                step = max(1, BLOCK_ELEMENTS // len(rows))
+                for start in range(0, len(hidden), step):
+                    tokens = slice(start, start + step)
+                    # As the plain path: the logits in the model's precision, then in fp32 for the loss.
+                    logits = nn.functional.linear(hidden[tokens], rows).float()
+                    yield (tokens, first + row, logits, rows) if with_weight else (tokens, first + row, logits)
+            first += len(weight)
 
 
 def _local_targets(targets: torch.Tensor, first: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

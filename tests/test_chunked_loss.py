@@ -41,7 +41,7 @@ def _worker(rank: int, directory: str, port: int) -> None:
 
     deepspeed = import_deepspeed()
     vocab_chunks.MIN_CHUNKED_ELEMENTS = 0  # the ZeRO-3 head in chunks of rows, as a large vocabulary's is
-    chunked_loss.BLOCK_ELEMENTS = 300  # blocks of a few tokens
+    chunked_loss.BLOCK_ELEMENTS, chunked_loss.ROWS_PER_BLOCK = 300, 96  # blocks of a few tokens and rows
     report = {}
     for stage in (0, 3):
         ds_config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2,
@@ -76,7 +76,8 @@ def _worker(rank: int, directory: str, port: int) -> None:
             mask = targets != chunked_loss.IGNORE_INDEX
             plain = [torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum").item(),
                      (logits[mask].argmax(-1) == targets[mask]).sum().item(), mask.sum().item()]
-            report[f"{stage}-sums"] = {"plain": plain, "chunked": list(chunked_loss.causal_lm_sums(engine, batch, parts))}
+            chunked = chunked_loss.causal_lm_sums(engine, batch, parts)
+            report[f"{stage}-sums"] = {"plain": plain, "chunked": list(chunked)}
         report[f"{stage}-head"] = type(parts.causal.get_output_embeddings()).__name__
         models.remove_adapter(base, model)
         engine.destroy()
