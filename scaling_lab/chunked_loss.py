@@ -28,11 +28,12 @@ from torch import nn
 from scaling_lab.vocab_chunks import ChunkedHead
 
 IGNORE_INDEX = -100  # transformers' label for positions without a loss
-# Logits of one forward pass (tokens × vocabulary) from which the loss is chunked: 2 M elements are 8 MB in fp32,
-# four times over at the plain path's peak. Below, the logits cost little and the plain path is kept, so that small
-# models (the embedded tiny family: 64 words) compute bit for bit what they always computed.
-MIN_CHUNKED_LOGITS = 1 << 21
 BLOCK_ELEMENTS = 1 << 20  # logits computed at once (tokens × vocabulary rows): 4 MB in fp32
+# Logits of one forward pass (tokens × vocabulary) from which the loss is chunked: more than one block. The plain
+# path holds about 4 times the fp32 logits at its peak (bf16 logits, their fp32 copy, the log-softmax and its
+# gradient): 16 MB here. Below, the plain path is kept, so that small models (the embedded tiny family: 64 words,
+# 1,024 tokens a batch, 65 k logits) compute bit for bit what they always computed.
+MIN_CHUNKED_LOGITS = BLOCK_ELEMENTS
 ROWS_PER_BLOCK = 8192  # vocabulary rows of a block: at most, 128 tokens at once
 # Model types whose causal-LM forward is the head on the body's last hidden state, then transformers' shifted
 # cross-entropy, with nothing between (no logit scaling or soft-capping, no auxiliary loss).
@@ -73,11 +74,14 @@ def lm_parts(model: nn.Module) -> LMParts | None:
     return LMParts(causal, body, weights)
 
 
-def chunks_loss(parts: LMParts | None, batch: dict[str, torch.Tensor], min_logits: int = MIN_CHUNKED_LOGITS) -> bool:
+def chunks_loss(parts: LMParts | None, batch: dict[str, torch.Tensor], min_logits: int | None = None) -> bool:
+    """Whether the loss of `batch` is computed in blocks: a causal LM whose logits would have `min_logits` elements
+    (by default MIN_CHUNKED_LOGITS) or more."""
+    min_logits = MIN_CHUNKED_LOGITS if min_logits is None else min_logits
     return parts is not None and "labels" in batch and batch["input_ids"].numel() * parts.vocab_size >= min_logits
 
 
-def causal_lm_loss(model: Callable, batch: dict[str, torch.Tensor], min_logits: int = MIN_CHUNKED_LOGITS,
+def causal_lm_loss(model: Callable, batch: dict[str, torch.Tensor], min_logits: int | None = None,
                    parts: LMParts | None = None) -> torch.Tensor:
     """`model(**batch).loss` (the mean cross-entropy of the next tokens), in blocks where the logits are large.
     `model`: a DeepSpeed engine, a PEFT model or a transformers model; `parts`: its lm_parts, if known."""
