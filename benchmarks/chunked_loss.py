@@ -1,9 +1,9 @@
 """Speed and memory of the causal LM's loss in blocks (scaling_lab/chunked_loss.py) against the plain path
 (transformers' logits and cross-entropy), on a LoRA forward + backward pass of a Llama built from config.
 
-Each path runs in its own process (its peak RSS above the process's RSS before the first step, and its tokens/s over
---steps steps after a warm-up step); it prints both and their ratios. On CPU by default; on a GPU with --device cuda
-(peak memory then from torch.cuda).
+Each path runs in its own process of one thread, with a trial worker's malloc settings (its peak RSS above its RSS
+after a warm-up step, and its tokens/s over --steps steps after it); it prints both and their ratios. On CPU by
+default; on a GPU with --device cuda (peak memory then from torch.cuda).
 
     nice -n 10 python benchmarks/chunked_loss.py [--vocab 32000 --hidden 512 --layers 2 --batch 2 --seq-len 512]
 """
@@ -34,7 +34,10 @@ def measure(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from scaling_lab import chunked_loss
+    from scaling_lab.trial import return_freed_memory
 
+    return_freed_memory()  # as a trial's worker: large freed blocks go back to the system at once
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
@@ -52,11 +55,12 @@ def measure(args) -> dict:
         if args.device == "cuda":
             torch.cuda.synchronize()
 
+    step()  # warm-up: what the first step allocates once (LoRA gradients, kernels' buffers) is not the loss's
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) from now on
     baseline = rss_mb("VmRSS")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated() / 2**20
-    step()  # warm-up
     started = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -86,7 +90,7 @@ def main() -> None:
         results[path] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout
                                    .strip().splitlines()[-1])
         print(f"{path}: {results[path]['tokens_per_s']:,.0f} tokens/s, peak {results[path]['peak_above_mb']:,.0f} MB "
-              f"above the first step's start", flush=True)
+              f"above a warm step's start", flush=True)
     logits_mb = args.batch * args.seq_len * args.vocab * 4 / 2**20
     print(f"logits of one pass: {logits_mb:,.0f} MB in fp32; chunked ÷ plain: tokens/s "
           f"{results['chunked']['tokens_per_s'] / results['plain']['tokens_per_s']:.3f}, peak memory "
