@@ -1,14 +1,14 @@
 """A causal LM's loss without its whole logits: the model's body runs to its last hidden states, then the LM head and
-the cross-entropy run over blocks of (tokens × vocabulary rows), so that only one block's logits exist at a time,
-forward and backward (the backward pass computes each block's logits again). The plain path (transformers' forward)
-keeps the logits of every token over the whole vocabulary, their fp32 upcast and the softmax's gradient: at a 128k
-vocabulary and 2 × 2048 tokens that is 4 × 0.5 G elements, several GB. Blocks of BLOCK_ELEMENTS keep it at a few
-times 4 MB.
+the cross-entropy run over blocks of (tokens × vocabulary rows), so that only one block's logits exist at a time.
+The plain path (transformers' forward) keeps the logits of every token over the whole vocabulary, their fp32 upcast
+and the softmax's gradient: at a 128k vocabulary and 2 × 2048 tokens that is 4 × 0.5 G elements, several GB. Blocks
+of BLOCK_ELEMENTS keep it at a few times 4 MB; the hidden states' gradient is computed in the forward pass, block by
+block, and kept for the backward pass (the size of the hidden states).
 
 Under ZeRO-3 each weight of the head (one per chunk of rows where the head is chunked: scaling_lab/vocab_chunks.py)
-is gathered once per forward and once per backward pass, as the plain path gathers it, not once per block of tokens:
-the vocabulary is the outer loop, the tokens the inner one, with each token's log-sum-exp accumulated over the
-vocabulary chunks.
+is gathered once per forward pass, not once per block of tokens (the plain path gathers it once more for its
+backward pass): the vocabulary is the outer loop, the tokens the inner one, with each token's log-sum-exp
+accumulated over the vocabulary chunks.
 
 Engaged only where the logits of one forward pass are large (MIN_CHUNKED_LOGITS) and the model is one whose forward
 is known to be `head(body(...))` followed by the standard shifted cross-entropy (SUPPORTED_MODEL_TYPES); everything
@@ -135,35 +135,39 @@ def _labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 def _mean_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, weights: tuple) -> torch.Tensor:
     hidden, targets = _labelled(hidden, labels)
-    return _BlockedCrossEntropy.apply(hidden, targets, weights) / len(targets)  # no labels: nan, as the plain path
+    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _BlockedCrossEntropy.apply(hidden, targets, weights, with_grad) / len(targets)  # no labels: nan, as plain
 
 
 class _BlockedCrossEntropy(torch.autograd.Function):
-    """The summed cross-entropy of `hidden @ weightᵀ` against `targets`, its gradient for `hidden` only (the head is
-    frozen), neither pass keeping more than one block's logits."""
+    """The summed cross-entropy of `hidden @ weightᵀ` against `targets`, and its gradient for `hidden` only (the head
+    is frozen), computed in the same pass over the blocks, so that each block's logits are computed once (two matrix
+    products a block, as the plain path's forward and backward): the softmax's share of the gradient is accumulated
+    relative to each token's log-sum-exp so far and rescaled whenever that grows (as an online softmax does)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, weights: tuple) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, weights: tuple, with_grad: bool) -> torch.Tensor:
         log_sum_exp = torch.full((len(hidden),), -torch.inf, device=hidden.device)
         target_logits = torch.zeros(len(hidden), device=hidden.device)
-        for tokens, first, logits in _blocks(hidden, weights):
-            log_sum_exp[tokens] = torch.logaddexp(log_sum_exp[tokens], torch.logsumexp(logits, dim=-1))
+        softmax_part = torch.zeros(hidden.shape, device=hidden.device) if with_grad else None  # Σ softmax · weight
+        target_rows = torch.zeros(hidden.shape, device=hidden.device) if with_grad else None  # the targets' rows
+        for tokens, first, logits, weight in _blocks(hidden, weights, with_weight=True):
+            grown = torch.logaddexp(log_sum_exp[tokens], torch.logsumexp(logits, dim=-1))
             local, inside = _local_targets(targets[tokens], first, logits.shape[1])
             target_logits[tokens] += torch.where(inside, logits.gather(1, local[:, None])[:, 0], 0.0)
-        ctx.save_for_backward(hidden, targets, log_sum_exp)
-        ctx.weights = weights
+            if with_grad:
+                softmax_part[tokens] *= torch.exp(log_sum_exp[tokens] - grown)[:, None]
+                softmax_part[tokens] += torch.exp(logits - grown[:, None]).to(weight.dtype) @ weight
+                target_rows[tokens] += torch.where(inside[:, None], weight[local], 0).float()
+            log_sum_exp[tokens] = grown
+        if with_grad:
+            ctx.save_for_backward((softmax_part - target_rows).to(hidden.dtype))
         return (log_sum_exp - target_logits).sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        hidden, targets, log_sum_exp = ctx.saved_tensors
-        grad_hidden = torch.zeros(hidden.shape, device=hidden.device)
-        for tokens, first, logits, weight in _blocks(hidden, ctx.weights, with_weight=True):
-            grad_logits = torch.exp(logits - log_sum_exp[tokens, None])  # softmax, then minus one at the target
-            local, inside = _local_targets(targets[tokens], first, logits.shape[1])
-            grad_logits[inside.nonzero()[:, 0], local[inside]] -= 1.0
-            grad_hidden[tokens] += (grad_logits * grad_loss).to(weight.dtype) @ weight
-        return grad_hidden.to(hidden.dtype), None, None
+        (grad_of_sum,) = ctx.saved_tensors
+        return grad_of_sum * grad_loss.to(grad_of_sum.dtype), None, None, None
 
 
 def _sums(hidden: torch.Tensor, targets: torch.Tensor, weights: tuple) -> tuple[torch.Tensor, torch.Tensor, int]:
