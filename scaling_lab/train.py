@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from scaling_lab import checkpoint, data as data_lib, diagnostics, models
+from scaling_lab.chunked_loss import causal_lm_loss, causal_lm_sums, chunks_loss, lm_parts
 from scaling_lab.deepspeed_setup import (
     clips_outside_deepspeed,
     deepspeed_config,
@@ -99,6 +100,7 @@ def evaluate(engine, split: data_lib.Split, config: TrialConfig, device) -> tupl
     rank, world_size = world()
     count = min(len(split), config.training.eval_batches * config.training.batch_size)
     loss_sum = correct = total = 0.0
+    parts = lm_parts(engine) if config.model.kind == "causal_lm" else None
     engine.eval()
     with torch.no_grad():
         for start in range(0, count, config.training.batch_size):
@@ -106,8 +108,12 @@ def evaluate(engine, split: data_lib.Split, config: TrialConfig, device) -> tupl
             # parameters collectively in each); a worker left without rows scores one fully masked row.
             rows = torch.arange(start, min(start + config.training.batch_size, count)).tensor_split(world_size)[rank]
             batch = {k: v.to(device) for k, v in split.batch(rows if len(rows) else torch.tensor([start])).items()}
-            logits = engine(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             labels = batch["labels"] if len(rows) else torch.full_like(batch["labels"], -100)
+            if chunks_loss(parts, batch):  # large logits: the sums in blocks (scaling_lab/chunked_loss.py)
+                sums = causal_lm_sums(engine, {**batch, "labels": labels}, parts)
+                loss_sum, correct, total = loss_sum + sums[0], correct + sums[1], total + sums[2]
+                continue
+            logits = engine(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             if config.model.kind == "causal_lm":
                 logits, labels = logits[:, :-1], labels[:, 1:]
             mask = labels != -100
@@ -123,7 +129,7 @@ def _probe_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loss of the fixed probe batch, without dropout, so that only the parameters change it."""
     model.eval()
     try:
-        return model(**batch).loss
+        return causal_lm_loss(model, batch)
     finally:
         model.train()
 
@@ -266,6 +272,7 @@ def train(run: Run, checkpoints: checkpoint.TrialCheckpoints | None = None,
     trial = TrialSkeleton(config, outcome, should_stop)
     trial.start(*evaluate(engine, run.task.eval, config, run.device))
     start_step = checkpoint.restore_engine(checkpoints, engine, outcome, run.batches) if checkpoints else 0
+    parts = lm_parts(engine)  # the body and head of a causal LM, found outside the forward pass
     started = time.perf_counter()
     for step in trial.steps(start_step):
         micro_batches = worker_micro_batches(next(run.batches), run.rank, run.world_size, run.micro)
@@ -275,7 +282,8 @@ def train(run: Run, checkpoints: checkpoint.TrialCheckpoints | None = None,
             run.signal_drift.before()
         measured, micro_losses = {}, []
         for micro_batch in micro_batches:
-            loss = engine(**{k: v.to(run.device) for k, v in micro_batch.items()}).loss
+            # engine(**batch).loss, with the LM head and the loss in blocks where the logits are large
+            loss = causal_lm_loss(engine, {k: v.to(run.device) for k, v in micro_batch.items()}, parts=parts)
             engine.backward(loss)  # DeepSpeed divides by the accumulation steps, and averages over workers
             micro_losses.append(loss.item())
             if engine.is_gradient_accumulation_boundary():  # the last micro-batch: the gradients are whole
