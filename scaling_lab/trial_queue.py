@@ -5,14 +5,17 @@ Lanes take trials one at a time instead of running a fixed share, so that none i
 trials ahead of it (trial lengths differ by model size, rank and divergence). The queue lives for a whole Tune run:
 the driver adds trials as the grid's wait or the search proposes them, and says for which shapes more may still
 come; a lane whose shape has nothing pending waits on the queue while more may come, and ends once none can.
+A lane that ended its worker group (after `trials_per_group` trials) starts a fresh one only where that one would
+get a trial: not when the lanes of its shape that are up would run every queued trial before it started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from scaling_lab.grid import TrialConfig
 from scaling_lab.group import GroupSpec
@@ -22,12 +25,20 @@ WAIT_S = 5.0  # how long one take() waits for a trial before the lane asks again
 
 class TrialQueue:
     """Trial configs (plain dicts) by the worker-group shape that runs them, in the order added; the trial each
-    lane took last; and the shapes to which more trials may still be added."""
+    lane took last; the shapes to which more trials may still be added; and, measured in this run, how long a
+    trial and a worker group's start take per shape."""
 
-    def __init__(self, trials_by_shape: dict[str, list[dict]] | None = None, open_shapes: tuple[str, ...] = ()):
+    def __init__(self, trials_by_shape: dict[str, list[dict]] | None = None, open_shapes: tuple[str, ...] = (),
+                 clock: Callable[[], float] = time.monotonic):
         self.pending: dict[str, deque] = {}
         self.taken: dict[tuple, tuple[str, dict] | None] = {}  # lane → (trial id, config) it took last
         self.open: set[str] = set(open_shapes)
+        self.clock = clock
+        self.up: dict[tuple, str] = {}  # lane → shape, for the lanes whose worker group is up and taking trials
+        self.taken_at: dict[tuple, float] = {}
+        self.starting_at: dict[tuple, float] = {}
+        self.trial_s: dict[str, list[float]] = {}
+        self.start_s: dict[str, list[float]] = {}
         self._changed = asyncio.Event()
         self._add(trials_by_shape or {})
 
@@ -56,9 +67,14 @@ class TrialQueue:
         """The next trial for `lane`; None when none is left and none can come; "wait" when none came within
         `wait_s` but more may. With `again`, the trial the lane took last, if any: a worker group restarted after
         its worker died runs that one again first."""
-        lane = tuple(lane)
+        lane, now = tuple(lane), self.clock()
+        if again and lane in self.starting_at:  # a fresh worker group's first take: it is up
+            self.start_s.setdefault(shape, []).append(now - self.starting_at.pop(lane))
+        self.up[lane] = shape
         if again and self.taken.get(lane) is not None:
             return self.taken[lane][1]
+        if lane in self.taken_at:  # the trial it took last is finished
+            self.trial_s.setdefault(shape, []).append(now - self.taken_at.pop(lane))
         deadline = time.monotonic() + wait_s
         while not self.pending.get(shape) and shape in self.open and time.monotonic() < deadline:
             changed = self._changed
@@ -69,17 +85,40 @@ class TrialQueue:
         pending = self.pending.get(shape)
         self.taken[lane] = pending.popleft() if pending else None
         if self.taken[lane] is None:
-            return "wait" if shape in self.open else None
+            if shape in self.open:
+                return "wait"
+            self.up.pop(lane, None)  # its worker group ends
+            return None
+        self.taken_at[lane] = self.clock()
         return self.taken[lane][1]
 
-    async def left(self, shape: str, lane: tuple) -> int:
-        """How many trials `lane` may still run (the last one it took counted, and one more while more may come)."""
-        return (len(self.pending.get(shape, ())) + (self.taken.get(tuple(lane)) is not None)
-                + (shape in self.open))
+    async def start_worker_group(self, shape: str, lane: tuple) -> bool:
+        """Whether `lane`, with no worker group up, should start one: to take back the trial it took last; while
+        none of its shape is queued, if more may come; else unless the other lanes of its shape that are up would
+        run every queued trial before a fresh worker group started (by the median trial and start times so far)."""
+        lane = tuple(lane)
+        self.up.pop(lane, None)
+        if self.taken.get(lane) is not None:
+            return True
+        queued = len(self.pending.get(shape, ()))
+        if not queued:
+            return shape in self.open
+        others_up = sum(1 for other, their_shape in self.up.items() if their_shape == shape)
+        if not others_up or not self.trial_s.get(shape) or not self.start_s.get(shape):
+            return True
+        return queued * statistics.median(self.trial_s[shape]) / others_up > statistics.median(self.start_s[shape])
+
+    async def starting(self, lane: tuple) -> None:
+        """`lane` starts a worker group now; its first take says when it is up."""
+        self.starting_at[tuple(lane)] = self.clock()
 
     async def release(self, lane: tuple) -> None:
-        """The trial `lane` took last is finished (run, skipped, or recorded as cut short): not taken back."""
-        self.taken[tuple(lane)] = None
+        """The trial `lane` took last is finished (run, skipped, or recorded as cut short): not taken back. Its
+        worker group has ended."""
+        lane = tuple(lane)
+        self.taken[lane] = None
+        self.taken_at.pop(lane, None)
+        self.up.pop(lane, None)
 
     async def busy(self) -> list[str]:
         """The ids of the trials queued or taken by a lane and not yet given back by a next take."""
@@ -120,10 +159,16 @@ def offered(group: GroupSpec) -> Iterator[dict]:
             yield trial
 
 
-def left(group: GroupSpec) -> int:
+def start_worker_group(group: GroupSpec) -> bool:
     import ray
 
-    return ray.get(_actor(group).left.remote(group.shape, group.lane))
+    return ray.get(_actor(group).start_worker_group.remote(group.shape, group.lane))
+
+
+def starting(group: GroupSpec) -> None:
+    import ray
+
+    ray.get(_actor(group).starting.remote(group.lane))
 
 
 def release(group: GroupSpec) -> None:

@@ -38,7 +38,7 @@ def _worker_resources(resources: Resources) -> dict[str, float]:
 
 def _more_to_run(group: GroupSpec) -> bool:
     if group.queue:
-        return trial_queue.left(group) > 0
+        return trial_queue.start_worker_group(group)
     done = results.completed_ids(group.results_dir)
     return any(trial.trial_id not in done for trial in group.configs())
 
@@ -49,8 +49,8 @@ def run_group_trainable(config: dict) -> None:
     from scaling_lab.trial import run_group
 
     group = GroupSpec.from_dict(config["group"])
-    if group.queue and not trial_queue.left(group):
-        return  # the lanes before this one took every trial: no worker group to start
+    if group.queue and not trial_queue.start_worker_group(group):
+        return  # the lanes before this one took every trial, or will have run them before a worker group starts
     if group.backend == "simulated":
         run_group(group)
         while group.queue:
@@ -85,6 +85,8 @@ def run_group_trainable(config: dict) -> None:
                                              controller_failure_limit=group.max_retries),
             ),
         )
+        if group.queue:
+            trial_queue.starting(group)
         try:
             trainer.fit()
             if not group.queue:
