@@ -74,19 +74,23 @@ def lm_parts(model: nn.Module) -> LMParts | None:
     return LMParts(causal, body, weights)
 
 
-def chunks_loss(parts: LMParts | None, batch: dict[str, torch.Tensor], min_logits: int | None = None) -> bool:
-    """Whether the loss of `batch` is computed in blocks: a causal LM whose logits would have `min_logits` elements
-    (by default MIN_CHUNKED_LOGITS) or more."""
+def chunks_loss(parts: LMParts | None, tokens: int, min_logits: int | None = None) -> bool:
+    """Whether the loss is computed in blocks: a causal LM whose forward passes of up to `tokens` tokens would have
+    `min_logits` logits (by default MIN_CHUNKED_LOGITS) or more. `tokens` must be the same on every worker (a bound
+    from the config, not a batch's own length): under ZeRO-3 the two paths gather different weights, and workers
+    that chose differently would wait on each other's collectives."""
     min_logits = MIN_CHUNKED_LOGITS if min_logits is None else min_logits
-    return parts is not None and "labels" in batch and batch["input_ids"].numel() * parts.vocab_size >= min_logits
+    return parts is not None and tokens * parts.vocab_size >= min_logits
 
 
-def causal_lm_loss(model: Callable, batch: dict[str, torch.Tensor], min_logits: int | None = None,
-                   parts: LMParts | None = None) -> torch.Tensor:
+def causal_lm_loss(model: Callable, batch: dict[str, torch.Tensor], tokens: int | None = None,
+                   min_logits: int | None = None, parts: LMParts | None = None) -> torch.Tensor:
     """`model(**batch).loss` (the mean cross-entropy of the next tokens), in blocks where the logits are large.
-    `model`: a DeepSpeed engine, a PEFT model or a transformers model; `parts`: its lm_parts, if known."""
+    `model`: a DeepSpeed engine, a PEFT model or a transformers model; `tokens`: the bound chunks_loss decides by
+    (by default this batch's, where every worker computes the same batch); `parts`: the model's lm_parts, if known."""
     parts = parts or lm_parts(model)
-    if not chunks_loss(parts, batch, min_logits):
+    if "labels" not in batch or not chunks_loss(parts, batch["input_ids"].numel() if tokens is None else tokens,
+                                                min_logits):
         return model(**batch).loss
     with _head_replaced(parts, _mean_cross_entropy):
         return model(**batch).loss

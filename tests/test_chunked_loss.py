@@ -126,9 +126,9 @@ def test_small_logits_and_unsupported_models_keep_the_plain_path():
     assert chunked_loss.lm_parts(llama) is None  # a head that trains: its gradient is not computed in blocks
     parts = chunked_loss.lm_parts(llama.requires_grad_(False))  # frozen, as under PEFT
     assert parts is not None and parts.body is llama.model
-    default_study_batch = {"input_ids": torch.zeros(32, 32, dtype=torch.long), "labels": torch.zeros(32, 32)}
-    assert not chunked_loss.chunks_loss(parts, default_study_batch)  # the embedded tiny family: bit for bit as before
-    assert chunked_loss.chunks_loss(parts, default_study_batch, min_logits=0)
+    default_study_tokens = 32 * 32  # batch_size × seq_len
+    assert not chunked_loss.chunks_loss(parts, default_study_tokens)  # the embedded tiny family: bit for bit as before
+    assert chunked_loss.chunks_loss(parts, default_study_tokens, min_logits=0)
     bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                                     num_attention_heads=2, intermediate_size=32))
     assert chunked_loss.lm_parts(bert) is None
