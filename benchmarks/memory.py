@@ -7,8 +7,9 @@ Builds, in a temporary folder, a Llama of about 270 M parameters from config (hi
 .jsonl text file of --rows rows. Then, for ZeRO-0 and ZeRO-3 in fp32 and bf16, two worker processes (a gloo
 process group of 2, one thread each: what a Ray Train group of 2 workers of 1 CPU runs, without Ray) run a group
 of 2 trials (LoRA rank 8, α 16 and 64) of --steps steps of --batch × --seq-len tokens through
-scaling_lab.trial.run_group. Each worker reports its peak RSS (VmHWM) after importing everything and joining the
-process group (the idle baseline) and after the trials; rank 0's rows give each trial's set-up and data times.
+scaling_lab.trial.run_group. Each worker reports its peak RSS (VmHWM) after importing everything (Ray included, as
+a Ray Train worker has it) and joining the process group (the idle baseline) and after the trials; rank 0's rows
+give each trial's set-up and data times.
 The data is measured alone, for a study that reads enough of it to weigh (--data-steps × --data-batch sequences,
 by default 2,000 × 32): a first process prepares it (scans every row, tokenizes the rows read, stores them), then a
 later one, as a later worker would, memory-maps it and reads every batch of 2 trials and their held-out rows,
@@ -129,6 +130,7 @@ def trial_worker(rank: int, port: int, group: dict, report: str) -> None:
     _join_group(rank, 2, port)
     import deepspeed  # noqa: F401  (everything a trial imports, before the baseline is read)
     import peft  # noqa: F401
+    import ray  # noqa: F401  (a Ray Train worker has it before its first trial; the trial's row asks it the node)
     import transformers  # noqa: F401
 
     from scaling_lab import train, trial  # noqa: F401

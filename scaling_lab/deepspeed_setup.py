@@ -3,6 +3,7 @@ a trial's engine runs with, and DeepSpeed's own validation of it before any comp
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -24,7 +25,40 @@ def import_deepspeed():
     import deepspeed  # imported late: importing it where no accelerator is set up has crashed some versions
 
     _gather_in_place_on_gloo()
+    _import_muon_without_compiling()
     return deepspeed
+
+
+def _import_muon_without_compiling() -> None:
+    """Every ZeRO and bf16 engine imports DeepSpeed's Muon optimizer (to ask whether the optimizer is Muon), and that
+    module wraps its kernels in torch.compile as it is imported, which loads the compiler's back-ends (AOT
+    autograd, networkx, much of torch._inductor): about 47 MB in every worker, for kernels only Muon runs. Imported
+    here with each kernel compiled at its first call instead."""
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    compile_now = compiler.compile
+
+    def compile_at_first_call():
+        def decorate(function):
+            compiled = None
+
+            @functools.wraps(function)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                compiled = compiled or compile_now()(function)
+                return compiled(*args, **kwargs)
+
+            return call
+
+        return decorate
+
+    compiler.compile = compile_at_first_call
+    try:
+        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+    finally:
+        compiler.compile = compile_now
 
 
 class _Works:

@@ -1,5 +1,7 @@
 """Tier 3: a finished trial's DeepSpeed engine is freed, though the base model it trained on lives on."""
 
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -42,3 +44,34 @@ def test_a_zero3_trial_leaves_no_engine_behind_for_the_next_trial_of_its_group(t
     assert list(results.load(tmp_path)["status"]) == ["ok"] * 3
     assert alive_at_destroy == [[], [False] * 3, [False] * 6]
     assert [ref() is not None for refs in finished for ref in refs] == [False] * 9
+
+
+def test_a_zero3_bf16_trial_loads_no_compiler(tmp_path, tiny_cache):
+    """Every ZeRO and bf16 engine imports DeepSpeed's Muon optimizer, whose kernels torch.compile wraps at import:
+    torch._dynamo's compiler back-ends and what they import (about 47 MB a worker) would load for kernels no trial
+    runs
+    (scaling_lab/deepspeed_setup.py's _import_muon_without_compiling)."""
+    spec = {
+        "name": "no-compiler", "models": [{"name": "xs", "source": "tiny:xs"}],
+        "grid": {"ranks": [2], "alphas": [16], "seeds": [0]},
+        "training": {"steps": 1, "batch_size": 4, "eval_every": 1, "eval_batches": 1},
+        "deepspeed": {"zero_stage": 3, "precision": "bf16"},
+    }
+    code = f"""
+import sys
+from scaling_lab import results, spec as spec_lib
+from scaling_lab.grid import expand
+from scaling_lab.group import GroupSpec
+from scaling_lab.trial import run_group
+
+trials = expand(spec_lib.parse({spec!r}))
+run_group(GroupSpec(trials=tuple(t.to_dict() for t in trials), results_dir={str(tmp_path)!r},
+                    cache_dir={str(tiny_cache)!r}, base_dir={str(ROOT)!r}, backend="ray_train", study="no-compiler"))
+import deepspeed.runtime.zero.muon.original_muon as muon
+compiler = [name for name in ("torch._dynamo.repro", "torch._functorch.aot_autograd", "networkx")
+            if name in sys.modules]
+print(list(results.load({str(tmp_path)!r})["status"]), compiler, muon.muon_update.__name__)
+"""
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.split("\n")[-2] == "['ok'] [] muon_update"
