@@ -14,6 +14,16 @@ With `other_seeds: best_alpha` a new α runs at the first seed only and the othe
 once the cell is done, the search going on should that move the best α: the seeds' mean matters at the optimum,
 and the noise of the single-seed points shows in the scatter of the optima about the law.
 
+Once every cell of a law group is done, each cell's lowest and highest measured α (unless it is the α bound) is
+checked against the seed noise: `fit` leaves a cell out of the law when more than NEAR_EDGE_FRACTION of its
+bootstrap resamples put the optimum at an edge point (scaling_lab/analysis/optimum.py: near_edge_low,
+near_edge_high), so an edge point whose mean is less than EDGE_Z standard errors of the difference above the best
+point's (the probability that it draws below the best exceeds that fraction) gets one more α a `resolution` beyond
+it, at the first seed only (edge_alphas). The standard errors come from the seed spread pooled over the group's
+points that two seeds or more measured, as `fit` pools it (scaling_lab/analysis/seed_noise.py), known only once the
+group is done, which makes the check the group's last step: the same in the asynchronous search, whatever the
+order the results come in. A cell whose best α moves is searched on, and the group checked again.
+
 Proposed α values lie on a lattice of resolution/4 octaves anchored at the lower bound, so that a search repeated
 on the same results proposes the same α values (and so the same trial ids).
 """
@@ -23,11 +33,12 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
 
-from scaling_lab.analysis.optimum import CurveOptimum, curve_optimum, shared_shape
+from scaling_lab.analysis.optimum import NEAR_EDGE_FRACTION, CurveOptimum, curve_optimum, shared_shape
 from scaling_lab.objective import parabola_vertex
 from scaling_lab.spec_base import SpecError
 
@@ -35,8 +46,10 @@ LATTICE_PER_RESOLUTION = 4
 GOLDEN = 0.381966  # golden-section fraction of a gap, for steps where no parabola can be trusted
 EXPONENT_RANGE = 1.0  # with one optimum known, the law's exponent is assumed to lie within ±this
 SAME_POINT = 1e-3  # octaves: α values closer than this are the same point
+EDGE_Z = NormalDist().inv_cdf(1 - NEAR_EDGE_FRACTION)  # an edge point within this many standard errors is near
 
 Points = Mapping[float, float]  # α → seed-averaged objective to minimize (+inf: diverged, pruned or unusable)
+Errors = Mapping[float, float]  # α → standard error of its point's seed mean (no entry: not known)
 
 
 @dataclass(frozen=True)
@@ -229,9 +242,11 @@ def law_start(optima: Mapping[int, float], rank: int, resolution: float) -> Star
 
 
 def next_step(cells: Mapping[int, Points], lattice: Lattice, settings: SearchSettings,
-              incomplete: Mapping[int, Collection[float]] | None = None) -> dict[int, list[float]]:
+              incomplete: Mapping[int, Collection[float]] | None = None,
+              errors: Mapping[int, Errors] | None = None) -> dict[int, list[float]]:
     """The next α values of every rank of one law group (rank → measured points, empty when not started);
-    an empty dict when the whole group is done. `incomplete`: rank → measured α values some seeds have not run."""
+    an empty dict when the whole group is done. `incomplete`: rank → measured α values some seeds have not run;
+    `errors`: rank → its points' standard errors, for the edge check once every cell is done (edge_alphas)."""
     ranks = sorted(cells)
     first = {ranks[0], ranks[-1]}
     incomplete = incomplete or {}
@@ -244,7 +259,26 @@ def next_step(cells: Mapping[int, Points], lattice: Lattice, settings: SearchSet
     for rank in ranks:
         if rank not in step:
             step[rank] = next_alphas({}, lattice, settings, law_start(optima, rank, settings.resolution))
+    if not any(step.values()) and errors:  # every cell done: the edge check (module docstring)
+        step = {rank: edge_alphas(cells[rank], errors.get(rank, {}), lattice, settings) for rank in ranks}
     return {rank: alphas for rank, alphas in step.items() if alphas}
+
+
+def edge_alphas(points: Points, errors: Errors, lattice: Lattice, settings: SearchSettings) -> list[float]:
+    """For a done cell: one α a `resolution` beyond its lowest and one beyond its highest measured α, each where
+    that edge point is finite, not the α bound, and less than EDGE_Z standard errors of the difference above the
+    best point (where `fit`'s bootstrap would flag the cell near_edge_low or near_edge_high); within max_points."""
+    best = min(points, key=points.__getitem__)
+    measured = sorted(points)
+    proposed = []
+    for edge, side, bound in ((measured[0], -1, lattice.low), (measured[-1], 1, lattice.high)):
+        x = math.log2(edge)
+        if edge == best or abs(x - bound) < SAME_POINT or edge not in errors or best not in errors:
+            continue
+        if points[edge] - points[best] < EDGE_Z * math.hypot(errors[edge], errors[best]):  # False when +inf
+            proposed.append(x + side * settings.resolution)
+    alphas = _new_alphas(proposed, [math.log2(alpha) for alpha in measured], lattice)
+    return alphas[: max(settings.max_points - len(points), 0)]
 
 
 def expected_points(n_ranks: int, settings: SearchSettings) -> tuple[int, int]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
+import numpy as np
 import pandas as pd
 
 from scaling_lab import results
+from scaling_lab.analysis.seed_noise import pooled_seed_spread
 from scaling_lab.grid import TrialConfig, expand
 from scaling_lab.objective import metric_column, point_value, trial_objective
-from scaling_lab.search.proposals import Lattice, Points, expected_points
+from scaling_lab.search.proposals import Errors, Lattice, Points, expected_points
 from scaling_lab.spec import StudySpec
 
 GroupKey = tuple[str, str, float]  # model, scaling rule, learning rate: the cells one law is fitted across
@@ -99,6 +101,28 @@ class SearchSpace:
                 if not complete:
                     incomplete[key][rank].add(alpha)
         return cells, incomplete
+
+
+    def seed_errors(self, frame: pd.DataFrame) -> dict[GroupKey, dict[int, Errors]]:
+        """Every cell's measured α → the standard error of its seed mean: the seed spread pooled over the law
+        group's points that two seeds or more measured (seed_noise.pooled_seed_spread, as `fit` pools it over a
+        model's cells) over √(the seeds that measured it); no entry where no spread is known or a seed failed."""
+        errors: dict[GroupKey, dict[int, Errors]] = {key: {} for key in self.templates}
+        rows = pd.DataFrame(self.rows(frame), columns=self.columns)
+        rows["objective"] = [trial_objective(status, value, self.maximize)
+                             for status, value in zip(rows["status"], rows[self.column])]
+        for (model, rule, learning_rate), group in rows.groupby(["model", "scaling_rule", "learning_rate"]):
+            point = group.groupby(["rank", "alpha"]).ngroup().to_numpy()
+            objective = group["objective"].to_numpy(dtype=float)  # nan: a failed seed
+            spread = pooled_seed_spread(np.zeros(len(group), dtype=int), point, group["seed"].to_numpy(),
+                                        np.where(np.isnan(objective), np.inf, objective))[0]
+            if not np.isfinite(spread):
+                continue
+            cells = errors[model, rule, learning_rate]
+            for (rank, alpha), seeds in group.groupby(["rank", "alpha"])["objective"]:
+                if seeds.notna().all():
+                    cells.setdefault(int(rank), {})[float(alpha)] = float(spread / np.sqrt(len(seeds)))
+        return errors
 
 
 def read_rows(store: results.Store) -> pd.DataFrame:
