@@ -128,69 +128,57 @@ def test_other_seeds_run_new_alphas_at_the_first_seed_and_complete_measured_ones
     assert every.measured(pd.DataFrame(rows, columns=space.columns))[key][4] == {64.0: pytest.approx(1.1)}
 
 
-def test_space_gives_each_point_the_groups_pooled_seed_spread_over_its_seeds():
+def edge_rows(space: SearchSpace, measured: list[tuple[int, float, list[float]]]) -> pd.DataFrame:
+    (key,) = space.groups
+    trials = [(c, loss) for rank, alpha, losses in measured for c, loss in zip(space.configs(key, rank, alpha), losses)]
+    return pd.DataFrame([{"trial_id": c.trial_id, "model": "xs", "scaling_rule": c.scaling_rule,
+                          "learning_rate": c.learning_rate, "rank": c.rank, "seed": c.seed, "alpha": c.alpha,
+                          "status": "ok", "final_eval_loss": loss} for c, loss in trials], columns=space.columns)
+
+
+def test_the_space_asks_fit_which_edges_are_within_the_seed_noise_of_the_best():
     data = {"name": "s", "models": [{"name": "xs", "source": "tiny:xs"}],
-            "grid": {"ranks": [1, 4], "alphas": {"min": 1, "max": 4096, "num": 7}, "seeds": [0, 1, 2]},
+            "grid": {"ranks": [1, 4], "alphas": {"min": 1, "max": 4096, "num": 7}, "seeds": [0, 1]},
             "search": {"method": "adaptive", "other_seeds": "best_alpha"}}
     space = SearchSpace(spec_lib.parse(data))
     (key,) = space.groups
-    measured = [(4, 64.0, [1.0, 1.2, 1.1]), (4, 16.0, [2.0]), (1, 8.0, [1.5, 1.5, 1.5])]
-    rows = [{"trial_id": c.trial_id, "model": "xs", "scaling_rule": c.scaling_rule, "learning_rate": c.learning_rate,
-             "rank": rank, "seed": c.seed, "alpha": alpha, "status": "ok", "final_eval_loss": loss}
-            for rank, alpha, losses in measured for c, loss in zip(space.configs(key, rank, alpha), losses)]
-    spread = math.sqrt((0.1**2 + 0.1**2) / (2 + 2))  # Σ squared deviations / Σ (seeds − 1), over both cells
-    errors = space.seed_errors(pd.DataFrame(rows, columns=space.columns))[key]
-    assert errors[4] == {64.0: pytest.approx(spread / math.sqrt(3)), 16.0: pytest.approx(spread)}
-    assert errors[1] == {8.0: pytest.approx(spread / math.sqrt(3))}
-    assert space.seed_errors(pd.DataFrame(rows[3:4], columns=space.columns))[key] == {}  # no spread known
+    # the best α at two seeds (spread 0.0028), the others at one; rank 1 clearly bracketed
+    rank_1 = [(1, 4.0, [1.1]), (1, 8.0, [1.0, 1.0]), (1, 16.0, [1.1])]
+    near = edge_rows(space, [*rank_1, (4, 16.0, [1.05]), (4, 32.0, [0.998, 1.002]), (4, 64.0, [1.003])])
+    assert space.near_edges(near)[key] == {4: {1}}
+    fitted = fit_study(from_frame(near.assign(wall_time_s=1.0)), FitSettings(n_bootstrap=200)).alpha_cells
+    assert [cell.exclusion() for cell in fitted] == [None, "edge"]  # the cell `fit` leaves out of the law
+    clear = edge_rows(space, [*rank_1, (4, 16.0, [1.05]), (4, 32.0, [0.998, 1.002]), (4, 64.0, [1.02])])
+    assert space.near_edges(clear)[key] == {}
+    both = edge_rows(space, [*rank_1, (4, 16.0, [1.0005]), (4, 32.0, [0.998, 1.002]), (4, 64.0, [1.001])])
+    assert space.near_edges(both)[key] == {4: {-1, 1}}
+    assert space.near_edges(both) == space.near_edges(both.iloc[::-1])  # the same on the same rows
 
 
 NEAR = {16.0: 1.05, 32.0: 1.0, 64.0: 1.003}  # done at resolution 1: the best's neighbours an octave away
 
 
-def test_an_edge_point_within_the_seed_noise_of_the_best_gets_one_more_alpha_beyond_it():
-    errors = {16.0: 0.003, 32.0: 0.002, 64.0: 0.003}
-    assert next_alphas(NEAR, LATTICE, SETTINGS) == []
-    assert edge_alphas(NEAR, errors, LATTICE, SETTINGS) == [128.0]  # 0.003 above the best: within 1.28 × 0.0036
-    both = {**NEAR, 16.0: 1.001}
-    assert edge_alphas(both, errors, LATTICE, SETTINGS) == [8.0, 128.0]
-    assert edge_alphas(dict(reversed(both.items())), dict(errors), LATTICE, SETTINGS) == [8.0, 128.0]
+def test_a_near_edge_runs_at_every_seed_then_gets_one_more_alpha_beyond_it_up_to_the_bound():
+    assert edge_alphas(NEAR, {1}, LATTICE, SETTINGS, incomplete={16.0, 64.0}) == [64.0]  # its other seeds first
+    assert edge_alphas(NEAR, {-1, 1}, LATTICE, SETTINGS, incomplete={64.0}) == [8.0, 64.0]
+    assert edge_alphas(NEAR, {1}, LATTICE, SETTINGS, incomplete={16.0}) == [128.0]  # every seed ran it: beyond
+    assert edge_alphas(NEAR, {-1, 1}, LATTICE, SETTINGS) == [8.0, 128.0]
+    assert edge_alphas(NEAR, (), LATTICE, SETTINGS) == []  # edges clearly worse than the best: the cell is done
     crowded = SearchSettings(method="adaptive", resolution=1.0, max_points=4)
-    assert edge_alphas(both, errors, LATTICE, crowded) == [8.0]
+    assert edge_alphas(NEAR, {-1, 1}, LATTICE, crowded) == [8.0]
+    assert edge_alphas(NEAR, {-1}, Lattice.between(16, 65536, 1.0), SETTINGS) == []  # the edge is the bound
+    assert edge_alphas(NEAR, {-1}, Lattice.between(16, 65536, 1.0), SETTINGS, incomplete={16.0}) == [16.0]
+    assert edge_alphas(NEAR, {-1}, Lattice.between(12, 65536, 1.0), SETTINGS) == [12.0]  # up to the bound
+    assert edge_alphas(NEAR, {1}, Lattice.between(1, 64, 1.0), SETTINGS) == []
 
 
-def test_an_edge_point_clearly_worse_than_the_best_leaves_the_cell_done():
-    precise = {16.0: 0.001, 32.0: 0.0007, 64.0: 0.001}
-    assert edge_alphas(NEAR, precise, LATTICE, SETTINGS) == []  # 0.003 above: over 1.28 × 0.0012
-    assert edge_alphas(NEAR, {32.0: 0.002}, LATTICE, SETTINGS) == []  # the edge point's noise is not known
-    assert edge_alphas({**NEAR, 64.0: math.inf}, {16.0: 0.003, 32.0: 0.002, 64.0: 0.003}, LATTICE, SETTINGS) == []
-
-
-def test_an_edge_check_never_goes_past_the_alpha_bound():
-    errors = {16.0: 0.003, 32.0: 0.002, 64.0: 0.003}
-    near_low = {16.0: 1.001, 32.0: 1.0, 64.0: 1.05}
-    assert edge_alphas(near_low, errors, Lattice.between(16, 65536, 1.0), SETTINGS) == []  # the edge is the bound
-    assert edge_alphas(near_low, errors, Lattice.between(12, 65536, 1.0), SETTINGS) == [12.0]  # up to the bound
-    assert edge_alphas(NEAR, errors, Lattice.between(1, 64, 1.0), SETTINGS) == []
-    assert edge_alphas({16.0: 1.0, 32.0: 1.2}, {16.0: 0.1, 32.0: 0.1}, Lattice.between(16, 64, 1.0), SETTINGS) == []
-
-
-def test_the_edge_check_is_the_groups_last_step_and_mirrors_fits_near_edge_flag():
-    errors = {16.0: 0.003, 32.0: 0.002, 64.0: 0.003}
+def test_the_edge_check_is_the_groups_last_step():
     cells = {1: {4.0: 1.1, 8.0: 1.0, 16.0: 1.1}, 4: dict(NEAR)}
     assert next_step(cells, LATTICE, SETTINGS) == {}
-    assert next_step(cells, LATTICE, SETTINGS, errors={4: errors}) == {4: [128.0]}
+    assert next_step(cells, LATTICE, SETTINGS, near_edges={4: {1}}) == {4: [128.0]}
+    assert next_step(cells, LATTICE, SETTINGS, {4: {64.0}}, near_edges={4: {1}}) == {4: [64.0]}
     waiting = {**cells, 1: {4.0: 1.1, 16.0: 1.0, 64.0: 1.1}}  # rank 1 not done: no edge check yet
-    assert next_step(waiting, LATTICE, SETTINGS, errors={4: errors}) == {1: [8.0, 32.0]}
-
-    # the same cell as `fit` sees it: the best at two seeds (spread 0.0028), the others at one
-    rows = [{"model": "m", "rank": 4, "alpha": alpha, "seed": seed, "status": "ok", "final_eval_loss": loss}
-            for alpha, seed, loss in [(16.0, 0, 1.05), (32.0, 0, 0.998), (32.0, 1, 1.002), (64.0, 0, 1.003)]]
-    (cell,) = fit_study(from_frame(pd.DataFrame(rows)), FitSettings(n_bootstrap=200)).alpha_cells
-    assert "near_edge_high" in cell.flags and cell.exclusion() == "edge"
-    rows.append({**rows[-1], "alpha": 128.0, "final_eval_loss": 1.02})  # the α the check proposed, clearly worse
-    (cell,) = fit_study(from_frame(pd.DataFrame(rows)), FitSettings(n_bootstrap=200)).alpha_cells
-    assert cell.exclusion() is None
+    assert next_step(waiting, LATTICE, SETTINGS, near_edges={4: {1}}) == {1: [8.0, 32.0]}
 
 
 def test_law_start_interpolates_and_widens_with_scatter():

@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 
 from scaling_lab import results
-from scaling_lab.analysis.seed_noise import pooled_seed_spread
+from scaling_lab.analysis.fit import FitSettings
+from scaling_lab.analysis.optimum import find_optima
 from scaling_lab.grid import TrialConfig, expand
 from scaling_lab.objective import metric_column, point_value, trial_objective
-from scaling_lab.search.proposals import Errors, Lattice, Points, expected_points
+from scaling_lab.search.proposals import Lattice, Points, expected_points
 from scaling_lab.spec import StudySpec
 
 GroupKey = tuple[str, str, float]  # model, scaling rule, learning rate: the cells one law is fitted across
@@ -103,26 +104,25 @@ class SearchSpace:
         return cells, incomplete
 
 
-    def seed_errors(self, frame: pd.DataFrame) -> dict[GroupKey, dict[int, Errors]]:
-        """Every cell's measured α → the standard error of its seed mean: the seed spread pooled over the law
-        group's points that two seeds or more measured (seed_noise.pooled_seed_spread, as `fit` pools it over a
-        model's cells) over √(the seeds that measured it); no entry where no spread is known or a seed failed."""
-        errors: dict[GroupKey, dict[int, Errors]] = {key: {} for key in self.templates}
+    def near_edges(self, frame: pd.DataFrame) -> dict[GroupKey, dict[int, set[int]]]:
+        """Every cell's sides (-1: its lowest measured α, +1: its highest) that `fit` would flag near_edge_low or
+        near_edge_high on these rows: the analysis's own find_optima over each law group's rows, with fit's
+        bootstrap (the seed spread pooled over the group's replicated points, seed_noise.py) from a fixed seed."""
+        settings = FitSettings()
+        sides = {key: {} for key in self.templates}
         rows = pd.DataFrame(self.rows(frame), columns=self.columns)
         rows["objective"] = [trial_objective(status, value, self.maximize)
                              for status, value in zip(rows["status"], rows[self.column])]
-        for (model, rule, learning_rate), group in rows.groupby(["model", "scaling_rule", "learning_rate"]):
-            point = group.groupby(["rank", "alpha"]).ngroup().to_numpy()
-            objective = group["objective"].to_numpy(dtype=float)  # nan: a failed seed
-            spread = pooled_seed_spread(np.zeros(len(group), dtype=int), point, group["seed"].to_numpy(),
-                                        np.where(np.isnan(objective), np.inf, objective))[0]
-            if not np.isfinite(spread):
-                continue
-            cells = errors[model, rule, learning_rate]
-            for (rank, alpha), seeds in group.groupby(["rank", "alpha"])["objective"]:
-                if seeds.notna().all():
-                    cells.setdefault(int(rank), {})[float(alpha)] = float(spread / np.sqrt(len(seeds)))
-        return errors
+        rows = rows[rows["objective"].notna()].assign(model_params=np.nan, trainable_params=np.nan)
+        for key, group in rows.groupby(["model", "scaling_rule", "learning_rate"]):
+            cells = find_optima(group.assign(objective=group["objective"].astype(float)), "alpha", (),
+                                maximize=False, n_bootstrap=settings.n_bootstrap,
+                                rng=np.random.default_rng(settings.seed), tolerance=settings.tolerance)
+            for cell in cells:
+                near = {side for side, flag in ((-1, "near_edge_low"), (1, "near_edge_high")) if flag in cell.flags}
+                if near:
+                    sides[key][cell.rank] = near
+        return sides
 
 
 def read_rows(store: results.Store) -> pd.DataFrame:
