@@ -20,10 +20,10 @@ resamples put the optimum at the lowest or highest measured α, which happens wh
 noise of the best). Such an edge point measured by the first seed only is run at the other seeds; one that every
 seed measured gets one more α a `resolution` beyond it (at the first seed only), unless it is the α bound
 (edge_alphas). Measuring the edge better first keeps the cell's three points around its best where the edge was
-only noisy, which extending it would not: in benchmarks/adaptive_replay.py the first gave narrower k intervals for
-the same trials. `fit` pools the seed noise of single-seed points over the group's replicated points, known only
-once the group is done, which makes the check the group's last step: the same in the asynchronous search, whatever
-the order the results come in. A cell whose best α moves is searched on, and the group checked again.
+only noisy, which extending it would not: in benchmarks/adaptive_replay.py the first gave narrower k intervals
+for about the same trials. `fit` pools the seed noise of single-seed points over the group's replicated points,
+known only once the group is done, which makes the check the group's last step: the same in the asynchronous
+search, whatever the order the results come in. A cell whose best α moves is searched on, and the group checked again.
 
 Proposed α values lie on a lattice of resolution/4 octaves anchored at the lower bound, so that a search repeated
 on the same results proposes the same α values (and so the same trial ids).

@@ -1,5 +1,6 @@
 """An adaptive study's trials (search: {method: adaptive}): its law groups and cells, the trial config of any α,
-each cell's measured points read from the results store, and what `plan` and `status` say about it. No ray.
+each cell's measured points read from the results store, which of its edges `fit` would flag as near the
+optimum on them (for the search's edge check), and what `plan` and `status` say about it. No ray.
 
 Every α the search measures is an ordinary trial: the grid's config for that cell and seed with only α changed,
 so its id, row and curve are those a grid with that α would have produced.
@@ -102,7 +103,6 @@ class SearchSpace:
                 if not complete:
                     incomplete[key][rank].add(alpha)
         return cells, incomplete
-
 
     def near_edges(self, frame: pd.DataFrame) -> dict[GroupKey, dict[int, set[int]]]:
         """Every cell's sides (-1: its lowest measured α, +1: its highest) that `fit` would flag near_edge_low or
