@@ -6,9 +6,10 @@ finite grid points, straight on past the last one); an α beyond the midpoint be
 diverged grid point diverges. Off the grid's α, the interpolated loss gets Gaussian noise of the trial-to-trial
 size measured in those rows (`--noise`), drawn per noise seed. A finite trial costs its cell's mean finite trial
 time in the rows, a diverged one its cell's mean diverged time (trial time does not depend on α otherwise). The
-search runs step by step (proposals.next_step: the asynchronous search proposes the same trials), its rows go
-through `fit` (200 bootstrap resamples), and the grid's own rows through the same fit. Last line: median ratio of
-adaptive to grid trial time over the noise seeds.
+search runs step by step (proposals.next_step, with its edge check: the asynchronous search proposes the same
+trials), its rows go through `fit` (200 bootstrap resamples unless --bootstrap), and the grid's own rows through the
+same fit; each run prints the cells `fit` left out of a law as near an edge. Last line: median ratio of adaptive to
+grid trial time over the noise seeds.
 
     python benchmarks/adaptive_replay.py [--override search.resolution=1.5 ...] [--noise-seeds 5]
 """
@@ -76,8 +77,12 @@ def run_search(space: SearchSpace, replay: Replay) -> pd.DataFrame:
     rows: list[dict] = []
     for key in space.groups:
         while True:
-            cells, incomplete = space.measured_seeds(pd.DataFrame(rows, columns=space.columns + ["wall_time_s"]))
+            frame = pd.DataFrame(rows, columns=space.columns + ["wall_time_s"])
+            cells, incomplete = space.measured_seeds(frame)
             step = next_step(cells[key], space.lattice, space.settings, incomplete[key])
+            if not step:  # every cell done: the edge check
+                near_edges = space.near_edges(frame)[key]
+                step = next_step(cells[key], space.lattice, space.settings, incomplete[key], near_edges)
             done = {row["trial_id"] for row in rows}
             todo = [c for rank, alphas in step.items() for alpha in alphas
                     for c in space.configs(key, rank, alpha, cells[key][rank]) if c.trial_id not in done]
@@ -87,15 +92,19 @@ def run_search(space: SearchSpace, replay: Replay) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def laws(frame: pd.DataFrame) -> dict[str, tuple[float, float, float]]:
-    """k and its 95% interval of every law `fit --by model` finds: per model, and joint."""
-    study = fit_study(from_frame(frame), FitSettings(by_model=True, n_bootstrap=200))
+def laws(frame: pd.DataFrame, n_bootstrap: int = 200) -> tuple[dict[str, tuple[float, float, float]], dict[str, int]]:
+    """k and its 95% interval of every law `fit --by model` finds: per model, and joint; and per model, the cells
+    left out of its law as near an edge (near_edge_low, near_edge_high)."""
+    study = fit_study(from_frame(frame), FitSettings(by_model=True, n_bootstrap=n_bootstrap))
     found = {}
     for tested in [*study.alpha_laws, *study.joint_laws]:
         law = tested.law
         if hasattr(law, "k_ci"):
             found[dict(law.group).get("model", "joint")] = (law.k, *law.k_ci)
-    return found
+    near_edge = {cell.model: 0 for cell in study.alpha_cells}
+    for cell in study.alpha_cells:
+        near_edge[cell.model] += any(flag.startswith("near_edge") for flag in cell.flags)
+    return found, near_edge
 
 
 def dense_grid(replay: Replay, space: SearchSpace) -> pd.DataFrame:
@@ -115,20 +124,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--override", action="append", default=[], help="a spec override (repeatable)")
     parser.add_argument("--noise-seeds", type=int, default=5)
+    parser.add_argument("--bootstrap", type=int, default=200, help="fit's bootstrap resamples (fit's own: 1000)")
     parser.add_argument("--noise", type=float, default=0.0054, help="loss noise off the grid's α (one trial's sd)")
     args = parser.parse_args()
     grid_rows = results.load(PUBLISHED)
     spec = spec_lib.load(ROOT / "studies/default.yaml", ["search.method=adaptive", *args.override])
     space = SearchSpace(spec)
     grid_s = float(grid_rows.wall_time_s.sum())
-    grid_laws = laws(grid_rows)
-    dense_laws = laws(dense_grid(Replay(grid_rows, 0.0, 0), space))
-    print(f"grid: {len(grid_rows)} trials, {grid_s:.0f} s; k " + _ks(grid_laws))
+    grid_laws, grid_near_edge = laws(grid_rows, args.bootstrap)
+    dense_laws, _ = laws(dense_grid(Replay(grid_rows, 0.0, 0), space), args.bootstrap)
+    print(f"grid: {len(grid_rows)} trials, {grid_s:.0f} s; k " + _ks(grid_laws) + "; " + _near(grid_near_edge))
     print("dense noiseless grid of the replayed curves (what the replay's k is): k " + _ks(dense_laws))
     ratios, covered, widths = [], {name: 0 for name in dense_laws}, {name: [] for name in dense_laws}
+    near_edge_total = {name: 0 for name in grid_near_edge}
     for noise_seed in range(args.noise_seeds):
         frame = run_search(space, Replay(grid_rows, args.noise, noise_seed))
-        found = laws(frame)
+        found, near_edge = laws(frame, args.bootstrap)
         trial_s = float(frame.wall_time_s.sum())
         ratios.append(trial_s / grid_s)
         wider = [name for name, (_, low, high) in found.items() if high - low > grid_laws[name][2] - grid_laws[name][1]]
@@ -138,11 +149,17 @@ def main() -> None:
         diverged = int((frame.status != "ok").sum())
         print(f"noise seed {noise_seed}: {len(frame)} trials ({diverged} diverged), {trial_s:.0f} s "
               f"({trial_s / grid_s:.3f}); k {_ks(found)}" + (f"; WIDER: {', '.join(wider)}" if wider else "")
-              + f"; α per cell {per_rank(frame)}", flush=True)
+              + f"; {_near(near_edge)}; α per cell {per_rank(frame)}", flush=True)
+        near_edge_total = {name: n + near_edge.get(name, 0) for name, n in near_edge_total.items()}
     print("the dense grid's k inside the search's interval: "
           + ", ".join(f"{name} {n}/{args.noise_seeds}" for name, n in covered.items()))
     print("median k interval width: " + ", ".join(f"{name} {statistics.median(w):.3f}" for name, w in widths.items()))
+    print("cells left out as near an edge, over the noise seeds: " + _near(near_edge_total))
     print(f"median adaptive ÷ grid trial time: {statistics.median(ratios):.3f}")
+
+
+def _near(near_edge: dict[str, int]) -> str:
+    return "near-edge cells " + ", ".join(f"{name} {n}" for name, n in near_edge.items())
 
 
 def _ks(found: dict[str, tuple[float, float, float]]) -> str:

@@ -70,8 +70,11 @@ def run_adaptive(space: SearchSpace, noise_seed: int, noise: float) -> pd.DataFr
     rows: list[dict] = []
     (key,) = space.groups
     while True:
-        cells = space.measured(pd.DataFrame(rows, columns=space.columns))[key]
+        frame = pd.DataFrame(rows, columns=space.columns)
+        cells = space.measured(frame)[key]
         step = next_step(cells, space.lattice, space.settings)
+        if not step:  # every cell done: the edge check
+            step = next_step(cells, space.lattice, space.settings, near_edges=space.near_edges(frame)[key])
         if not step:
             return pd.DataFrame(rows)
         rows += [

@@ -36,14 +36,22 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*SearchSpace(spec_lib.parse(SPEC)).columns])
 
 
-def synchronous(space: SearchSpace, noise_seed: int, durations: Durations) -> tuple[dict[str, dict], float]:
-    """The search as it ran before: every step of the law group waits for all of the last step's trials."""
+def synchronous(space: SearchSpace, noise_seed: int, durations: Durations,
+                edge_checks: list[int] | None = None) -> tuple[dict[str, dict], float]:
+    """The search as it ran before: every step of the law group waits for all of the last step's trials.
+    `edge_checks` gets the number of α values each edge check proposed (proposals.edge_alphas)."""
     rows: dict[str, dict] = {}
     elapsed = 0.0
     (key,) = space.groups
     while True:
-        cells, incomplete = space.measured_seeds(frame(list(rows.values())))
+        measured = frame(list(rows.values()))
+        cells, incomplete = space.measured_seeds(measured)
         step = next_step(cells[key], space.lattice, space.settings, incomplete[key])
+        if not step:
+            near_edges = space.near_edges(measured)[key]
+            step = next_step(cells[key], space.lattice, space.settings, incomplete[key], near_edges)
+            if edge_checks is not None and step:
+                edge_checks.append(sum(map(len, step.values())))
         todo = [c for rank, alphas in step.items() for a in alphas
                 for c in space.configs(key, rank, a, cells[key][rank]) if c.trial_id not in rows]
         if not todo:
@@ -98,9 +106,10 @@ def test_asynchronous_search_measures_what_the_synchronous_one_does_and_finishes
     space = SearchSpace(spec_lib.parse({**SPEC, "search": {**SPEC["search"], "other_seeds": other_seeds}}))
     (key,) = space.groups
     sync_time = async_time = 0.0
+    edge_checks: list[int] = []
     for noise_seed in range(8):
         durations = Durations(noise_seed)
-        sync_rows, sync_elapsed = synchronous(space, noise_seed, durations)
+        sync_rows, sync_elapsed = synchronous(space, noise_seed, durations, edge_checks)
         async_rows, async_elapsed = asynchronous(space, noise_seed, durations)
         assert set(async_rows) == set(sync_rows), f"noise seed {noise_seed}"
         sync_cells, incomplete = (found[key] for found in space.measured_seeds(frame(list(sync_rows.values()))))
@@ -114,3 +123,4 @@ def test_asynchronous_search_measures_what_the_synchronous_one_does_and_finishes
             assert abs(found - math.log2(simulated.optimal_alpha(rank))) < 1.0  # and near the true optimum
         sync_time, async_time = sync_time + sync_elapsed, async_time + async_elapsed
     assert async_time < sync_time
+    assert edge_checks, "no edge check proposed an α: the asynchronous search's wait for it went untested"

@@ -13,6 +13,7 @@ from scaling_lab.search.proposals import (
     SearchSettings,
     Start,
     cell_optimum,
+    edge_alphas,
     group_optima,
     law_start,
     next_alphas,
@@ -125,6 +126,59 @@ def test_other_seeds_run_new_alphas_at_the_first_seed_and_complete_measured_ones
     assert cells[key][4] == {64.0: pytest.approx(1.1), 16.0: 2.0} and incomplete[key][4] == {16.0}
     every = SearchSpace(spec_lib.parse({**data, "search": {"method": "adaptive"}}))
     assert every.measured(pd.DataFrame(rows, columns=space.columns))[key][4] == {64.0: pytest.approx(1.1)}
+
+
+def edge_rows(space: SearchSpace, measured: list[tuple[int, float, list[float]]]) -> pd.DataFrame:
+    (key,) = space.groups
+    trials = [(c, loss) for rank, alpha, losses in measured for c, loss in zip(space.configs(key, rank, alpha), losses)]
+    return pd.DataFrame([{"trial_id": c.trial_id, "model": "xs", "scaling_rule": c.scaling_rule,
+                          "learning_rate": c.learning_rate, "rank": c.rank, "seed": c.seed, "alpha": c.alpha,
+                          "status": "ok", "final_eval_loss": loss} for c, loss in trials], columns=space.columns)
+
+
+def test_the_space_asks_fit_which_edges_are_within_the_seed_noise_of_the_best():
+    data = {"name": "s", "models": [{"name": "xs", "source": "tiny:xs"}],
+            "grid": {"ranks": [1, 4], "alphas": {"min": 1, "max": 4096, "num": 7}, "seeds": [0, 1]},
+            "search": {"method": "adaptive", "other_seeds": "best_alpha"}}
+    space = SearchSpace(spec_lib.parse(data))
+    (key,) = space.groups
+    # the best α at two seeds (spread 0.0028), the others at one; rank 1 clearly bracketed
+    rank_1 = [(1, 4.0, [1.1]), (1, 8.0, [1.0, 1.0]), (1, 16.0, [1.1])]
+    near = edge_rows(space, [*rank_1, (4, 16.0, [1.05]), (4, 32.0, [0.998, 1.002]), (4, 64.0, [1.003])])
+    assert space.near_edges(near)[key] == {4: {1}}
+    fitted = fit_study(from_frame(near.assign(wall_time_s=1.0)), FitSettings(n_bootstrap=200)).alpha_cells
+    assert [cell.exclusion() for cell in fitted] == [None, "edge"]  # the cell `fit` leaves out of the law
+    clear = edge_rows(space, [*rank_1, (4, 16.0, [1.05]), (4, 32.0, [0.998, 1.002]), (4, 64.0, [1.02])])
+    assert space.near_edges(clear)[key] == {}
+    both = edge_rows(space, [*rank_1, (4, 16.0, [1.0005]), (4, 32.0, [0.998, 1.002]), (4, 64.0, [1.001])])
+    assert space.near_edges(both)[key] == {4: {-1, 1}}
+    assert space.near_edges(both) == space.near_edges(both.iloc[::-1])  # the same on the same rows
+
+
+NEAR = {16.0: 1.05, 32.0: 1.0, 64.0: 1.003}  # done at resolution 1: the best's neighbours an octave away
+
+
+def test_a_near_edge_runs_at_every_seed_then_gets_one_more_alpha_beyond_it_up_to_the_bound():
+    assert edge_alphas(NEAR, {1}, LATTICE, SETTINGS, incomplete={16.0, 64.0}) == [64.0]  # its other seeds first
+    assert edge_alphas(NEAR, {-1, 1}, LATTICE, SETTINGS, incomplete={64.0}) == [8.0, 64.0]
+    assert edge_alphas(NEAR, {1}, LATTICE, SETTINGS, incomplete={16.0}) == [128.0]  # every seed ran it: beyond
+    assert edge_alphas(NEAR, {-1, 1}, LATTICE, SETTINGS) == [8.0, 128.0]
+    assert edge_alphas(NEAR, (), LATTICE, SETTINGS) == []  # edges clearly worse than the best: the cell is done
+    crowded = SearchSettings(method="adaptive", resolution=1.0, max_points=4)
+    assert edge_alphas(NEAR, {-1, 1}, LATTICE, crowded) == [8.0]
+    assert edge_alphas(NEAR, {-1}, Lattice.between(16, 65536, 1.0), SETTINGS) == []  # the edge is the bound
+    assert edge_alphas(NEAR, {-1}, Lattice.between(16, 65536, 1.0), SETTINGS, incomplete={16.0}) == [16.0]
+    assert edge_alphas(NEAR, {-1}, Lattice.between(12, 65536, 1.0), SETTINGS) == [12.0]  # up to the bound
+    assert edge_alphas(NEAR, {1}, Lattice.between(1, 64, 1.0), SETTINGS) == []
+
+
+def test_the_edge_check_is_the_groups_last_step():
+    cells = {1: {4.0: 1.1, 8.0: 1.0, 16.0: 1.1}, 4: dict(NEAR)}
+    assert next_step(cells, LATTICE, SETTINGS) == {}
+    assert next_step(cells, LATTICE, SETTINGS, near_edges={4: {1}}) == {4: [128.0]}
+    assert next_step(cells, LATTICE, SETTINGS, {4: {64.0}}, near_edges={4: {1}}) == {4: [64.0]}
+    waiting = {**cells, 1: {4.0: 1.1, 16.0: 1.0, 64.0: 1.1}}  # rank 1 not done: no edge check yet
+    assert next_step(waiting, LATTICE, SETTINGS, near_edges={4: {1}}) == {1: [8.0, 32.0]}
 
 
 def test_law_start_interpolates_and_widens_with_scatter():

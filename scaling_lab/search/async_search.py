@@ -4,8 +4,9 @@ results of its last ones are all in, instead of every cell waiting for the slowe
 Each cell's proposals are exactly those of the synchronous search (scaling_lab/search/proposals.py: next_step):
 a cell's next α values depend only on its own points, except where a rank starts from the law fitted to the
 optima of the smallest and largest ranks, and such a rank starts only once those two have none running, as the
-synchronous search waits for them. The search's state is the results store: a study run again continues from
-the rows it finds.
+synchronous search waits for them; and the edge check waits for every cell of its law group to be done, as it
+asks `fit` about them all. The search's state is the results store: a study run again continues from the
+rows it finds.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from scaling_lab.search.space import GroupKey, SearchSpace, group_label
 
 
 def cell_steps(cells: Mapping[int, Points], running: set[int], lattice: Lattice, settings: SearchSettings,
-               incomplete: Mapping[int, Collection[float]] | None = None) -> dict[int, list[float]]:
+               incomplete: Mapping[int, Collection[float]] | None = None,
+               near_edges: Mapping[int, Collection[int]] | None = None) -> dict[int, list[float]]:
     """The next α values of the ranks of one law group that have no trial running (rank → measured points);
     a rank not started yet waits while the smallest or largest rank, whose optima it starts from, runs."""
     ranks = sorted(cells)
     first = {ranks[0], ranks[-1]}
     started = {rank for rank in ranks if cells[rank] or rank in running}
-    return {rank: alphas for rank, alphas in next_step(cells, lattice, settings, incomplete).items()
+    return {rank: alphas for rank, alphas in next_step(cells, lattice, settings, incomplete, near_edges).items()
             if rank not in running and (rank in started or rank in first or not running & first)}
 
 
@@ -57,13 +59,19 @@ class AsyncSearch:
                 if group == key and any(t.trial_id not in done for t in trials)}
 
     def _advance(self, done: set[str]) -> None:
-        cells, incomplete = self.space.measured_seeds(self.rows())
+        rows = self.rows()
+        cells, incomplete = self.space.measured_seeds(rows)
+        near_edges = None
         for key in self.space.groups:
             if key in self.finished:
                 continue
             running = self._running(key, done)
             ranks = sorted(cells[key])
             steps = cell_steps(cells[key], running, self.space.lattice, self.space.settings, incomplete[key])
+            if not steps and not running:  # every cell done: the edge check (proposals.py)
+                near_edges = near_edges or self.space.near_edges(rows)
+                steps = cell_steps(cells[key], running, self.space.lattice, self.space.settings, incomplete[key],
+                                   near_edges[key])
             for rank, alphas in steps.items():
                 todo = [config for alpha in alphas for config in self.space.configs(key, rank, alpha, cells[key][rank])
                         if config.trial_id not in done]

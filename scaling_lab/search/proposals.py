@@ -14,6 +14,17 @@ With `other_seeds: best_alpha` a new α runs at the first seed only and the othe
 once the cell is done, the search going on should that move the best α: the seeds' mean matters at the optimum,
 and the noise of the single-seed points shows in the scatter of the optima about the law.
 
+Once every cell of a law group is done, `fit` is asked which cells it would leave out of the law as near an edge
+(scaling_lab/analysis/optimum.py: near_edge_low, near_edge_high: more than NEAR_EDGE_FRACTION of its bootstrap
+resamples put the optimum at the lowest or highest measured α, which happens when that point is within the seed
+noise of the best). Such an edge point measured by the first seed only is run at the other seeds; one that every
+seed measured gets one more α a `resolution` beyond it (at the first seed only), unless it is the α bound
+(edge_alphas). Measuring the edge better first keeps the cell's three points around its best where the edge was
+only noisy, which extending it would not: in benchmarks/adaptive_replay.py the first gave narrower k intervals
+for about the same trials. `fit` pools the seed noise of single-seed points over the group's replicated points,
+known only once the group is done, which makes the check the group's last step: the same in the asynchronous
+search, whatever the order the results come in. A cell whose best α moves is searched on, and the group checked again.
+
 Proposed α values lie on a lattice of resolution/4 octaves anchored at the lower bound, so that a search repeated
 on the same results proposes the same α values (and so the same trial ids).
 """
@@ -229,9 +240,11 @@ def law_start(optima: Mapping[int, float], rank: int, resolution: float) -> Star
 
 
 def next_step(cells: Mapping[int, Points], lattice: Lattice, settings: SearchSettings,
-              incomplete: Mapping[int, Collection[float]] | None = None) -> dict[int, list[float]]:
+              incomplete: Mapping[int, Collection[float]] | None = None,
+              near_edges: Mapping[int, Collection[int]] | None = None) -> dict[int, list[float]]:
     """The next α values of every rank of one law group (rank → measured points, empty when not started);
-    an empty dict when the whole group is done. `incomplete`: rank → measured α values some seeds have not run."""
+    an empty dict when the whole group is done. `incomplete`: rank → measured α values some seeds have not run;
+    `near_edges`: rank → the sides that `fit` flags near an edge (-1 low, +1 high), checked once every cell is done."""
     ranks = sorted(cells)
     first = {ranks[0], ranks[-1]}
     incomplete = incomplete or {}
@@ -244,7 +257,24 @@ def next_step(cells: Mapping[int, Points], lattice: Lattice, settings: SearchSet
     for rank in ranks:
         if rank not in step:
             step[rank] = next_alphas({}, lattice, settings, law_start(optima, rank, settings.resolution))
+    if not any(step.values()) and near_edges:  # every cell done: the edge check (module docstring)
+        step = {rank: edge_alphas(cells[rank], near_edges.get(rank, ()), lattice, settings, incomplete.get(rank, ()))
+                for rank in ranks}
     return {rank: alphas for rank, alphas in step.items() if alphas}
+
+
+def edge_alphas(points: Points, sides: Collection[int], lattice: Lattice, settings: SearchSettings,
+                incomplete: Collection[float] = ()) -> list[float]:
+    """For a done cell, each of `sides` (those `fit` flags near an edge: -1 its lowest measured α, +1 its highest):
+    the edge α again where some seeds have not run it (`incomplete`), else one α a `resolution` beyond it unless
+    it is the α bound; within max_points."""
+    measured = sorted(points)
+    edges = {-1: (measured[0], lattice.low), 1: (measured[-1], lattice.high)}
+    again = [edges[side][0] for side in sorted(sides) if edges[side][0] in incomplete]
+    beyond = [math.log2(edge) + side * settings.resolution for side, (edge, bound) in sorted(edges.items())
+              if side in sides and edge not in incomplete and abs(math.log2(edge) - bound) >= SAME_POINT]
+    extended = _new_alphas(beyond, [math.log2(alpha) for alpha in measured], lattice)
+    return sorted(again + extended[: max(settings.max_points - len(points), 0)])
 
 
 def expected_points(n_ranks: int, settings: SearchSettings) -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """An adaptive study's trials (search: {method: adaptive}): its law groups and cells, the trial config of any α,
-each cell's measured points read from the results store, and what `plan` and `status` say about it. No ray.
+each cell's measured points read from the results store, which of its edges `fit` would flag as near the
+optimum on them (for the search's edge check), and what `plan` and `status` say about it. No ray.
 
 Every α the search measures is an ordinary trial: the grid's config for that cell and seed with only α changed,
 so its id, row and curve are those a grid with that α would have produced.
@@ -10,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
+import numpy as np
 import pandas as pd
 
 from scaling_lab import results
+from scaling_lab.analysis.fit import FitSettings
+from scaling_lab.analysis.optimum import find_optima
 from scaling_lab.grid import TrialConfig, expand
 from scaling_lab.objective import metric_column, point_value, trial_objective
 from scaling_lab.search.proposals import Lattice, Points, expected_points
@@ -99,6 +103,26 @@ class SearchSpace:
                 if not complete:
                     incomplete[key][rank].add(alpha)
         return cells, incomplete
+
+    def near_edges(self, frame: pd.DataFrame) -> dict[GroupKey, dict[int, set[int]]]:
+        """Every cell's sides (-1: its lowest measured α, +1: its highest) that `fit` would flag near_edge_low or
+        near_edge_high on these rows: the analysis's own find_optima over each law group's rows, with fit's
+        bootstrap (the seed spread pooled over the group's replicated points, seed_noise.py) from a fixed seed."""
+        settings = FitSettings()
+        sides = {key: {} for key in self.templates}
+        rows = pd.DataFrame(self.rows(frame), columns=self.columns)
+        rows["objective"] = [trial_objective(status, value, self.maximize)
+                             for status, value in zip(rows["status"], rows[self.column])]
+        rows = rows[rows["objective"].notna()].assign(model_params=np.nan, trainable_params=np.nan)
+        for key, group in rows.groupby(["model", "scaling_rule", "learning_rate"]):
+            cells = find_optima(group.assign(objective=group["objective"].astype(float)), "alpha", (),
+                                maximize=False, n_bootstrap=settings.n_bootstrap,
+                                rng=np.random.default_rng(settings.seed), tolerance=settings.tolerance)
+            for cell in cells:
+                near = {side for side, flag in ((-1, "near_edge_low"), (1, "near_edge_high")) if flag in cell.flags}
+                if near:
+                    sides[key][cell.rank] = near
+        return sides
 
 
 def read_rows(store: results.Store) -> pd.DataFrame:
