@@ -56,8 +56,7 @@ def test_a_trial_leaves_no_engine_behind_for_the_next_trial_of_its_group(zero_st
 def test_a_zero3_bf16_trial_loads_no_compiler(tmp_path, tiny_cache):
     """Every ZeRO and bf16 engine imports DeepSpeed's Muon optimizer, whose kernels torch.compile wraps at import:
     torch._dynamo's compiler back-ends and what they import (about 47 MB a worker) would load for kernels no trial
-    runs
-    (scaling_lab/deepspeed_setup.py's _import_muon_without_compiling)."""
+    runs (scaling_lab/deepspeed_setup.py's _import_muon_without_compiling)."""
     spec = {
         "name": "no-compiler", "models": [{"name": "xs", "source": "tiny:xs"}],
         "grid": {"ranks": [2], "alphas": [16], "seeds": [0]},
