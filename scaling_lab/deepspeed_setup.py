@@ -192,6 +192,21 @@ def check_deepspeed_config(config: TrialConfig, world_size: int) -> None:
         raise ValueError(f"deepspeed.config: DeepSpeed rejects it: {type(exc).__name__}: {reason}") from None
 
 
+def undo_initial_optimizer_step(engine) -> None:
+    """Undo the zero-gradient step that DeepSpeed's optimizer for ZeRO-0 in bf16 or fp16 (FP16_UnfusedOptimizer around
+    the trial's torch optimizer) takes as it is built, to create the optimizer's state. AdamW counts that step: the
+    first real update used the second step's bias correction (0.74 × the update of an unwrapped AdamW, the next ones
+    0.86, 0.91, ...), and decoupled weight decay shrank the fp32 master weights once. ZeRO-1 to 3 take no such step.
+    Here the master weights are copied again from the model's and the optimizer's state emptied, as before any step."""
+    wrapper = engine.optimizer
+    if type(wrapper).__name__ != "FP16_UnfusedOptimizer":
+        return
+    for masters, weights in zip(wrapper.fp32_groups, wrapper.fp16_groups, strict=True):
+        for master, weight in zip(masters, weights, strict=True):
+            master.data.copy_(weight.data)
+    wrapper.optimizer.state.clear()
+
+
 def destroy_engine(engine) -> None:
     """Free a trial's engine: `engine.destroy()`, and what DeepSpeed 0.19 leaves behind under ZeRO-3.
 

@@ -27,6 +27,7 @@ from scaling_lab.deepspeed_setup import (
     destroy_engine,
     import_deepspeed,
     micro_batch_size,
+    undo_initial_optimizer_step,
 )
 from scaling_lab.grid import TrialConfig
 from scaling_lab.outcome import TrainOutcome
@@ -78,7 +79,10 @@ def lora_model(config: TrialConfig, base: models.BaseModel):
         else list(config.lora.target_modules),
         init_lora_weights="gaussian" if config.lora.init == "gaussian" else True,
     )
-    model = get_peft_model(base.model, lora_config)
+    # The adapter in the base's precision, as DeepSpeed casts every weight (keeping fp32 copies in the optimizer):
+    # under ZeRO-3 it casts none of a model built under zero.Init, and PEFT's fp32 adapter then made each LoRA layer
+    # copy its input to fp32 and train in another precision than at ZeRO-0.
+    model = get_peft_model(base.model, lora_config, autocast_adapter_dtype=False)
     applied = {scale for m in model.modules() if isinstance(m, LoraLayer) for scale in m.scaling.values()}
     if not applied or not all(math.isclose(s, config.effective_scale, rel_tol=1e-9) for s in applied):
         raise RuntimeError(f"PEFT applied scale {applied}, expected {config.effective_scale}")
@@ -237,6 +241,7 @@ def setup(config: TrialConfig, cache_dir: Path, base_dir: Path) -> Iterator[Run]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, config.training.total_steps))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
+        undo_initial_optimizer_step(engine)
         if world_size == 1 and config.deepspeed.zero_stage == 0:
             engine.enable_backward_allreduce = False  # an average over one worker: skip flattening and copying back
 

@@ -99,6 +99,58 @@ def test_a_bf16_trial_loads_its_base_in_bf16(tiny_cache):
     assert {p.dtype for p in base.model.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_a_bf16_trial_trains_its_adapter_in_bf16_at_every_zero_stage(tiny_cache, monkeypatch, zero_stage):
+    """DeepSpeed casts every weight to bf16 at ZeRO-0 but none of a model built under zero.Init at ZeRO-3, where
+    PEFT's fp32 adapter copied each LoRA layer's input to fp32 and trained in another precision than at ZeRO-0."""
+    import torch
+
+    from scaling_lab.deepspeed_setup import import_deepspeed
+    from scaling_lab.train import fine_tune
+
+    deepspeed, adapter_dtypes = import_deepspeed(), set()
+
+    def initialize(*args, **kwargs):
+        engine, *rest = initialize_engine(*args, **kwargs)
+        adapter_dtypes.update(p.dtype for name, p in engine.module.named_parameters() if "lora_" in name)
+        return (engine, *rest)
+
+    initialize_engine = deepspeed.initialize
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    spec = spec_lib.parse({
+        "name": "bf16", "models": [{"name": "xs", "source": "tiny:xs"}],
+        "grid": {"ranks": [4], "alphas": [64], "learning_rates": [1e-3], "seeds": [0]},
+        "training": {"steps": 2, "batch_size": 8, "eval_every": 2, "eval_batches": 1},
+        "deepspeed": {"precision": "bf16", "zero_stage": zero_stage},
+    })
+    (config,) = expand(spec)
+    assert fine_tune(config, tiny_cache, ROOT).status == "ok"
+    assert adapter_dtypes == {torch.bfloat16}
+
+
+def test_a_bf16_trial_trains_the_same_at_zero_0_and_zero_2(tiny_cache):
+    """At ZeRO-0 in bf16 DeepSpeed's optimizer takes a zero-gradient step as it is built, which AdamW counted (its
+    first real update 0.74 × an unwrapped one's) and whose weight decay shrank the master weights: undone."""
+    from scaling_lab.train import fine_tune
+
+    def curve(zero_stage):
+        spec = spec_lib.parse({
+            "name": "bf16", "models": [{"name": "xs", "source": "tiny:xs"}],
+            "grid": {"ranks": [4], "alphas": [512], "learning_rates": [1e-3], "seeds": [0]},
+            "optimizer": {"weight_decay": 0.1},
+            "training": {"steps": 4, "batch_size": 8, "eval_every": 2, "eval_batches": 1},
+            "deepspeed": {"precision": "bf16", "zero_stage": zero_stage},
+        })
+        (config,) = expand(spec)
+        return fine_tune(config, tiny_cache, ROOT).curve
+
+    zero_0, zero_2 = curve(0), curve(2)
+    for column in ("train_loss", "eval_loss"):
+        expected = [p[column] for p in zero_2 if column in p]
+        assert len(expected) >= 3, column
+        assert [p[column] for p in zero_0 if column in p] == pytest.approx(expected, rel=1e-5), column
+
+
 @pytest.mark.parametrize(("zero_stage", "grad_clip"), [(0, None), (0, 1.0), (0, 0.01), (2, 0.01)])
 def test_the_deepspeed_loop_computes_what_a_plain_pytorch_loop_computes(tiny_cache, zero_stage, grad_clip):
     from scaling_lab.reference_loop import run
