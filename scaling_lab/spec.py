@@ -143,6 +143,9 @@ class StudySpec:
             workers = (model.resources or self.execution.resources).workers
             where = f"models[{i}].resources" if model.resources else "execution.resources"
             self.training.check_split("training", workers, where)
+            if self.deepspeed.precision == "fp16":  # DeepSpeed refuses fp16 on CPU, in every trial
+                require((model.resources or self.execution.resources).gpus_per_worker > 0, "deepspeed.precision",
+                        f"bf16 or fp32 for CPU workers ({where}.gpus_per_worker is 0; fp16 runs on GPUs only)", "fp16")
         self.deepspeed.check("deepspeed")
         self.data.check("data", base_dir)
         self.execution.check("execution")

@@ -70,6 +70,9 @@ def test_token_budget_becomes_steps():
         ("deepspeed.config", {"zero_optimization": {"stage": 2}},
          "deepspeed.config.zero_optimization.stage: expected it left out (the spec sets it from deepspeed.zero_stage)"),
         ("deepspeed.zero_stage", 5, "deepspeed.zero_stage: expected one of 0, 1, 2, 3, got 5"),
+        ("deepspeed.precision", "fp16",
+         "deepspeed.precision: expected bf16 or fp32 for CPU workers (execution.resources.gpus_per_worker is 0; "
+         "fp16 runs on GPUs only), got 'fp16'"),
         ("lora.dropout", 1.5, "lora.dropout: expected a number in [0, 1), got 1.5"),
         ("metric", "perplexity", "metric: expected one of 'eval_loss', 'eval_accuracy'"),
     ],
@@ -79,6 +82,15 @@ def test_bad_values_name_the_field(path, value, message):
         spec_lib.parse(with_change(path, value))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_fp16_is_for_gpu_workers_only():
+    gpu_workers = spec_lib.apply_overrides(MINIMAL, ["deepspeed.precision=fp16",
+                                                     "execution.resources={workers: 1, gpus_per_worker: 1}"])
+    assert spec_lib.parse(gpu_workers).deepspeed.precision == "fp16"
+    cpu_model = {**gpu_workers, "models": [{**gpu_workers["models"][0], "resources": {"workers": 1}}]}
+    with pytest.raises(SpecError, match=r"models\[0\]\.resources\.gpus_per_worker is 0"):
+        spec_lib.parse(cpu_model)
 
 
 def test_missing_required_key():
