@@ -342,10 +342,13 @@ class WorkerKilled(BaseException):
 
 
 @pytest.mark.real
-def test_a_real_trial_resumes_from_its_checkpoint_bit_identically(tmp_path, tiny_cache, monkeypatch, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: DeepSpeed wraps the optimizer, its state reset
+def test_a_real_trial_resumes_from_its_checkpoint_bit_identically(tmp_path, tiny_cache, monkeypatch, capsys,
+                                                                  precision):
     spec = spec_lib.parse({
         "name": "ckpt", "models": [{"name": "xs", "source": "tiny:xs"}], "grid": {"ranks": [2], "alphas": [16]},
         "training": {"steps": 8, "batch_size": 8, "eval_every": 3, "eval_batches": 1, "diagnostics_every": 2},
+        "deepspeed": {"precision": precision},
     })
     group = dataclasses.replace(group_of(spec, results.Store(tmp_path / "fault-free")), cache_dir=str(tiny_cache))
     run_group(group)
