@@ -194,10 +194,10 @@ def check_deepspeed_config(config: TrialConfig, world_size: int) -> None:
 
 def undo_initial_optimizer_step(engine) -> None:
     """Undo the zero-gradient step that DeepSpeed's optimizer for ZeRO-0 in bf16 or fp16 (FP16_UnfusedOptimizer around
-    the trial's torch optimizer) takes as it is built, to create the optimizer's state. AdamW counts that step: the
-    first real update used the second step's bias correction (0.74 × the update of an unwrapped AdamW, the next ones
-    0.86, 0.91, ...), and decoupled weight decay shrank the fp32 master weights once. ZeRO-1 to 3 take no such step.
-    Here the master weights are copied again from the model's and the optimizer's state emptied, as before any step."""
+    the trial's torch optimizer) takes as it is built, to create the optimizer's state. AdamW counts that step, so
+    every update used the next step's bias correction (the first 0.74 × the update of an unwrapped AdamW, then 0.86,
+    0.91, ... towards 1), and decoupled weight decay shrank the fp32 master weights once; DeepSpeed 0.19's ZeRO-1 to 3
+    take no such step. Here the master weights are copied again from the model's and the optimizer's state emptied."""
     wrapper = engine.optimizer
     if type(wrapper).__name__ != "FP16_UnfusedOptimizer":
         return
