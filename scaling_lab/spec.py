@@ -140,11 +140,11 @@ class StudySpec:
         self.optimizer.check("optimizer")
         self.training.check("training")
         for i, model in enumerate(self.models):
-            workers = (model.resources or self.execution.resources).workers
+            resources = model.resources or self.execution.resources
             where = f"models[{i}].resources" if model.resources else "execution.resources"
-            self.training.check_split("training", workers, where)
+            self.training.check_split("training", resources.workers, where)
             if self.deepspeed.precision == "fp16":  # DeepSpeed refuses fp16 on CPU, in every trial
-                require((model.resources or self.execution.resources).gpus_per_worker > 0, "deepspeed.precision",
+                require(resources.gpus_per_worker > 0, "deepspeed.precision",
                         f"bf16 or fp32 for CPU workers ({where}.gpus_per_worker is 0; fp16 runs on GPUs only)", "fp16")
         self.deepspeed.check("deepspeed")
         self.data.check("data", base_dir)
