@@ -1,7 +1,7 @@
 """Replay the adaptive search on the published grid's rows: what a search setting would cost in trial seconds and
 what k intervals `fit` would give, in seconds instead of a real study.
 
-Each (model, rank, seed) curve of analysis/default/results is interpolated over log2 α (a cubic spline through the
+Each (model, rank, seed) curve of analysis/default_grid/results is interpolated over log2 α (a cubic spline through the
 finite grid points, straight on past the last one); an α beyond the midpoint between a seed's last finite and first
 diverged grid point diverges. Off the grid's α, the interpolated loss gets Gaussian noise of the trial-to-trial
 size measured in those rows (`--noise`), drawn per noise seed. A finite trial costs its cell's mean finite trial
@@ -35,7 +35,7 @@ from scaling_lab.analysis import FitSettings, fit_study, from_frame  # noqa: E40
 from scaling_lab.search.proposals import next_step  # noqa: E402
 from scaling_lab.search.space import SearchSpace  # noqa: E402
 
-PUBLISHED = ROOT / "analysis/default/results"
+PUBLISHED = ROOT / "analysis/default_grid/results"
 
 
 class Replay:

@@ -1,12 +1,13 @@
-"""Time-to-law of the embedded default study, and how it grows with the number of trials.
+"""Time-to-law of the embedded default study as a grid, and how it grows with the number of trials.
 
-Runs the default study (studies/default.yaml) with 1, 2, ... seeds: the same trial mix, 84 trials per seed; 2
-seeds is the study as shipped. Each run is `python -m scaling_lab.study run` then `python -m scaling_lab.analysis
-fit`, timed as commands from start to end, into a fresh results directory; the model cache and DeepSpeed's op
-are built first, as `make install` and the first run leave them. For each run it prints the time-to-law, the
-trials' own time and how busy the slots were (trial time ÷ (slots × study time)). Last, the marginal time per
-trial between the smallest and largest run ÷ the ideal (mean trial time ÷ slots): 1.0 means time grows
-linearly with the number of trials and every slot is always busy. --steps shortens every trial, for a quick run.
+Runs the default study (studies/default.yaml) as a grid with 1, 2, ... seeds: the same trial mix, 84 trials per
+seed; 2 seeds is the default's grid (the default itself searches α adaptively: benchmarks/adaptive_time_to_law.py).
+Each run is `python -m scaling_lab.study run` then `python -m scaling_lab.analysis fit`, timed as commands from
+start to end, into a fresh results directory; the model cache and DeepSpeed's op are built first, as `make
+install` and the first run leave them. For each run it prints the time-to-law, the trials' own time and how busy
+the slots were (trial time ÷ (slots × study time)). Last, the marginal time per trial between the smallest and
+largest run ÷ the ideal (mean trial time ÷ slots): 1.0 means time grows linearly with the number of trials and
+every slot is always busy. --steps shortens every trial, for a quick run.
 
     python benchmarks/time_to_law.py [--seeds 1 2] [--steps 80] [--keep DIR]
 """
@@ -48,7 +49,7 @@ def warm_up(spec: dict) -> None:
 def run(spec: dict, seeds: int, steps: int, workdir: Path) -> dict:
     from scaling_lab import results
 
-    spec = {**spec, "output_dir": str(workdir / f"results-{seeds}"),
+    spec = {**spec, "output_dir": str(workdir / f"results-{seeds}"), "search": {"method": "grid"},
             "grid": {**spec["grid"], "seeds": list(range(seeds))}, "training": {**spec["training"], "steps": steps}}
     spec_path = workdir / f"spec-{seeds}.yaml"
     spec_path.write_text(yaml.safe_dump(spec))

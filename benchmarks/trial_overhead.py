@@ -34,6 +34,7 @@ def study_spec(seeds: int, output_dir: Path) -> dict:
     spec["models"] = spec["models"][:1]
     spec["grid"].update(ranks=[1, 4, 16], alphas=[181, 512, 1448, 4096], seeds=list(range(seeds)))
     spec["output_dir"] = str(output_dir)
+    spec["search"] = {"method": "grid"}
     spec["training"]["diagnostics_every"] = 0
     spec["execution"] = {"resources": {"workers": 1, "cpus_per_worker": 1}, "max_concurrent": 1,
                          "trials_per_group": 10_000}

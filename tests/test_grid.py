@@ -73,11 +73,14 @@ def test_published_default_study_keeps_its_trial_ids():
     from pathlib import Path
 
     from scaling_lab import results
+    from scaling_lab.search.space import SearchSpace
 
     root = Path(__file__).resolve().parents[1]
-    published = results.completed_ids(root / "analysis/default/results")
-    expected = {t.trial_id for t in expand(spec_lib.load(root / "studies/default.yaml"))}
-    assert published and published <= expected
+    grid = results.completed_ids(root / "analysis/default_grid/results")
+    expected = {t.trial_id for t in expand(spec_lib.load(root / "studies/default.yaml", ["search.method=grid"]))}
+    assert grid and grid <= expected
+    adaptive = results.load(root / "analysis/default/results")
+    assert len(SearchSpace(spec_lib.load(root / "studies/default.yaml")).rows(adaptive)) == len(adaptive) > 0
 
 
 def test_a_new_hub_revision_micro_batch_or_deepspeed_key_gives_new_ids():

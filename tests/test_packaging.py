@@ -100,7 +100,7 @@ def test_the_overview_lists_every_tool_subcommand(capsys):
 
 def test_a_subcommand_runs_the_same_as_its_python_m_form(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    published = str(ROOT / "analysis" / "default" / "results")
+    published = str(ROOT / "analysis" / "default_grid" / "results")
     via_script = subprocess.run([sys.executable, "-m", "scaling_lab.cli", "status", published], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=300)
     via_module = subprocess.run([sys.executable, "-m", "scaling_lab.study", "status", published], cwd=tmp_path,

@@ -1,4 +1,5 @@
-"""The published law of the embedded default study (analysis/default/) is what `fit` gives on its results."""
+"""The published laws of the embedded default study (analysis/default/, an adaptive search) and of its grid
+(analysis/default_grid/) are what `fit` gives on their results."""
 
 import json
 import math
@@ -6,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-PUBLISHED = ROOT / "analysis/default"
 REL_TOL = 1e-9
 
 
@@ -33,16 +35,18 @@ def assert_close(fresh, published, where="law.json"):
         assert fresh == published, f"{where}: {fresh!r} != {published!r}"
 
 
-def test_published_report_matches_a_fresh_fit(tmp_path):
-    command = [sys.executable, "-m", "scaling_lab.analysis", "fit", "analysis/default/results", "--by", "model",
+@pytest.mark.parametrize("folder", ["analysis/default", "analysis/default_grid"])
+def test_published_report_matches_a_fresh_fit(tmp_path, folder):
+    published = ROOT / folder
+    command = [sys.executable, "-m", "scaling_lab.analysis", "fit", f"{folder}/results", "--by", "model",
                "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert_close(laws(tmp_path / "law.json"), laws(PUBLISHED / "law.json"))
-    printed = done.stdout.replace(str(tmp_path), "analysis/default")
-    assert printed == (PUBLISHED / "fit_output.txt").read_text()
-    fresh = (tmp_path / "report.md").read_text().replace(str(tmp_path), "analysis/default")
-    assert without_versions(fresh) == without_versions((PUBLISHED / "report.md").read_text())
+    assert_close(laws(tmp_path / "law.json"), laws(published / "law.json"))
+    printed = done.stdout.replace(str(tmp_path), folder)
+    assert printed == (published / "fit_output.txt").read_text()
+    fresh = (tmp_path / "report.md").read_text().replace(str(tmp_path), folder)
+    assert without_versions(fresh) == without_versions((published / "report.md").read_text())
 
 
 def without_versions(report: str) -> str:

@@ -1,5 +1,6 @@
 """Tier 1: the adaptive α search as pure functions, on the simulated loss surface."""
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -126,6 +127,24 @@ def test_other_seeds_run_new_alphas_at_the_first_seed_and_complete_measured_ones
     assert cells[key][4] == {64.0: pytest.approx(1.1), 16.0: 2.0} and incomplete[key][4] == {16.0}
     every = SearchSpace(spec_lib.parse({**data, "search": {"method": "adaptive"}}))
     assert every.measured(pd.DataFrame(rows, columns=space.columns))[key][4] == {64.0: pytest.approx(1.1)}
+
+
+def test_with_end_ranks_only_the_smallest_and_largest_rank_run_the_other_seeds():
+    data = {"name": "s", "models": [{"name": "xs", "source": "tiny:xs"}],
+            "grid": {"ranks": [1, 4, 16], "alphas": {"min": 1, "max": 4096, "num": 7}, "seeds": [3, 1]},
+            "search": {"method": "adaptive", "other_seeds": "best_alpha", "other_seed_ranks": "end_ranks"}}
+    space = SearchSpace(spec_lib.parse(data))
+    (key,) = space.groups
+    assert {rank: [c.seed for c in space.configs(key, rank, 64.0, {64.0: 1.0})] for rank in (1, 4, 16)} == {
+        1: [3, 1], 4: [3], 16: [3, 1]}
+    rows = [{"trial_id": c.trial_id, "model": "xs", "scaling_rule": c.scaling_rule, "learning_rate": c.learning_rate,
+             "rank": c.rank, "seed": c.seed, "alpha": c.alpha, "status": "ok", "final_eval_loss": 1.0}
+            for rank in (1, 4) for c in space.configs(key, rank, 64.0)[:1]]
+    cells, incomplete = space.measured_seeds(pd.DataFrame(rows, columns=space.columns))
+    assert cells[key][4] == {64.0: 1.0} and incomplete[key][4] == set()  # rank 4 done at its one seed
+    assert incomplete[key][1] == {64.0}  # rank 1 still owes seed 1
+    seed_1_at_rank_4 = dataclasses.replace(space.configs(key, 1, 64.0)[1], rank=4)  # not a trial of this search
+    assert not space.rows(pd.DataFrame([{**rows[0], "trial_id": seed_1_at_rank_4.trial_id, "rank": 4, "seed": 1}]))
 
 
 def edge_rows(space: SearchSpace, measured: list[tuple[int, float, list[float]]]) -> pd.DataFrame:

@@ -59,7 +59,10 @@ def test_plan_states_the_grid_count_and_the_adaptive_range():
     line = plan_line(spec_lib.parse(SPEC))
     assert f"the full grid would need {GRID_TRIALS} trials" in line and "expected 40–96 trials" in line
     at_best = plan_line(spec_lib.parse({**SPEC, "search": {"method": "adaptive", "other_seeds": "best_alpha"}}))
-    assert "expected 24–96 trials" in at_best and "the first seed, the others at the best" in at_best
+    assert "expected 24–96 trials" in at_best and "the others at each cell's best α)" in at_best
+    ends = plan_line(spec_lib.parse({**SPEC, "search": {"method": "adaptive", "other_seeds": "best_alpha",
+                                                        "other_seed_ranks": "end_ranks"}}))
+    assert "expected 22–72 trials" in ends and "best α of the smallest and largest rank" in ends
 
 
 @pytest.mark.ray

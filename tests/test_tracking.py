@@ -1,4 +1,4 @@
-"""Experiment trackers: `python -m scaling_lab.results export` of the published default study into a real local
+"""Experiment trackers: `python -m scaling_lab.results export` of the published default grid into a real local
 MLflow store and TensorBoard event files, read back with MLflow's client and TensorBoard's event reader; W&B's
 offline files read back record by record; exporting twice duplicates nothing; live logging from inside the
 trials gives the layout the export gives. Nothing needs network."""
@@ -25,7 +25,7 @@ from scaling_lab.tracking.layout import trial_record
 from scaling_lab.tracking.live import TrialLogger
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLISHED = ROOT / "analysis" / "default" / "results"
+PUBLISHED = ROOT / "analysis" / "default_grid" / "results"
 PUBLISHED_ANALYSIS = ["law.json", "report.md", "alpha_vs_rank.png", "metric_vs_alpha.png", "residuals.png"]
 
 pytest.importorskip("mlflow", reason="the track extra: pip install 'scaling_lab[track]'")

@@ -19,7 +19,7 @@ from scaling_lab.analysis.fit import FitSettings
 from scaling_lab.analysis.optimum import find_optima
 from scaling_lab.grid import TrialConfig, expand
 from scaling_lab.objective import metric_column, point_value, trial_objective
-from scaling_lab.search.proposals import Lattice, Points, expected_points
+from scaling_lab.search.proposals import Lattice, Points, expected_trials, seeded_ranks
 from scaling_lab.spec import StudySpec
 
 GroupKey = tuple[str, str, float]  # model, scaling rule, learning rate: the cells one law is fitted across
@@ -45,6 +45,10 @@ class SearchSpace:
             if config.alpha == alphas[0]:
                 key = (config.model.name, config.scaling_rule, config.learning_rate)
                 self.templates[key][config.rank][config.seed] = config
+        for by_rank in self.templates.values():
+            for rank in set(by_rank) - seeded_ranks(by_rank, self.settings):
+                first_seed = next(iter(by_rank[rank]))
+                by_rank[rank] = {first_seed: by_rank[rank][first_seed]}
         self._members: dict[str, bool] = {}  # trial id → whether it is a trial of this study
 
     @property
@@ -151,16 +155,14 @@ def plan_line(spec: StudySpec) -> str:
     grid_trials = len(expand(spec))
     groups = len(SearchSpace(spec).groups)
     seeds = len(spec.grid.seeds)
-    low, high = expected_points(len(spec.grid.ranks), spec.search)
+    fewest, most = expected_trials(spec.grid.ranks, seeds, spec.search)
     alphas = spec.grid.alpha_values()
-    if spec.search.other_seeds == "best_alpha":  # the first seed at every α, the others at each cell's best
-        fewest = (low + (seeds - 1) * len(spec.grid.ranks)) * groups
-        seeds_note = "the first seed, the others at the best"
-    else:
-        fewest, seeds_note = low * groups * seeds, f"{seeds} seed(s)"
+    where = {"every_alpha": "every α", "best_alpha": "each cell's best α"}[spec.search.other_seeds]
+    ranks = {"every_rank": "", "end_ranks": " of the smallest and largest rank"}[spec.search.other_seed_ranks]
+    seeds_note = f"{seeds} seed(s)" if seeds == 1 else f"the first seed at every α, the others at {where}{ranks}"
     return (
         f"  search: adaptive, α between {min(alphas):g} and {max(alphas):g} to {spec.search.resolution:g} octave; "
         f"the full grid would need {grid_trials} trials, the adaptive count depends on the results: expected "
-        f"{fewest}–{high * groups * seeds} trials ({low}–{high} α values per law group × {groups} "
-        f"group(s) × {seeds_note}); costs below are for the full grid"
+        f"{fewest * groups}–{most * groups} trials ({fewest}–{most} per law group × {groups} group(s); "
+        f"{seeds_note}); costs below are for the full grid"
     )
