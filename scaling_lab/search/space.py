@@ -159,7 +159,10 @@ def plan_line(spec: StudySpec) -> str:
     alphas = spec.grid.alpha_values()
     where = {"every_alpha": "every α", "best_alpha": "each cell's best α"}[spec.search.other_seeds]
     ranks = {"every_rank": "", "end_ranks": " of the smallest and largest rank"}[spec.search.other_seed_ranks]
-    seeds_note = f"{seeds} seed(s)" if seeds == 1 else f"the first seed at every α, the others at {where}{ranks}"
+    if seeds == 1 or where == "every α" and not ranks:
+        seeds_note = f"{seeds} seed(s) at every α"
+    else:
+        seeds_note = f"the first seed at every α, the others at {where}{ranks}"
     return (
         f"  search: adaptive, α between {min(alphas):g} and {max(alphas):g} to {spec.search.resolution:g} octave; "
         f"the full grid would need {grid_trials} trials, the adaptive count depends on the results: expected "
