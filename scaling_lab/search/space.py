@@ -157,11 +157,12 @@ def plan_line(spec: StudySpec) -> str:
     seeds = len(spec.grid.seeds)
     fewest, most = expected_trials(spec.grid.ranks, seeds, spec.search)
     alphas = spec.grid.alpha_values()
-    where = {"every_alpha": "every α", "best_alpha": "each cell's best α"}[spec.search.other_seeds]
-    ranks = {"every_rank": "", "end_ranks": " of the smallest and largest rank"}[spec.search.other_seed_ranks]
-    if seeds == 1 or where == "every α" and not ranks:
+    search = spec.search
+    if seeds == 1 or (search.other_seeds, search.other_seed_ranks) == ("every_alpha", "every_rank"):
         seeds_note = f"{seeds} seed(s) at every α"
     else:
+        where = {"every_alpha": "every α", "best_alpha": "each cell's best α"}[search.other_seeds]
+        ranks = {"every_rank": "", "end_ranks": " of the smallest and largest rank"}[search.other_seed_ranks]
         seeds_note = f"the first seed at every α, the others at {where}{ranks}"
     return (
         f"  search: adaptive, α between {min(alphas):g} and {max(alphas):g} to {spec.search.resolution:g} octave; "
